@@ -1,0 +1,31 @@
+"""Packaging for underway: durable multi-step background jobs on PostgreSQL."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="underway",
+    version="0.1.0",
+    description="Durable multi-step background jobs on PostgreSQL for synchronous Python.",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["underway", "underway.*"]),
+    package_data={"underway": ["py.typed", "*.sql", "migrations/*.sql"]},
+    install_requires=[
+        "psycopg2-binary>=2.9",
+        "croniter>=2.0",
+        "python-dateutil>=2.8",
+    ],
+    extras_require={
+        # An embedded PostgreSQL for the examples and the test suite; never needed at run time.
+        "embedded": ["pgserver>=0.1.4"],
+        "test": ["pgserver>=0.1.4", "pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Programming Language :: Python :: 3 :: Only",
+        "Topic :: Database",
+        "Topic :: System :: Distributed Computing",
+    ],
+)
