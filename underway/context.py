@@ -1,0 +1,70 @@
+"""The context a step receives: which task it serves, and the worker's transaction."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import psycopg2.extensions
+
+if TYPE_CHECKING:
+    from .job import Job
+    from .task import Task
+
+
+class Context:
+    """What a step knows about its run, and its way into the worker's transaction.
+
+    Writes made through :meth:`cursor` (or :attr:`connection`) commit together with the
+    step's completion and the enqueue of the next step, or not at all. Do not call
+    ``commit()`` or ``rollback()`` on the connection: the worker does.
+    """
+
+    def __init__(
+        self,
+        conn: psycopg2.extensions.connection,
+        *,
+        task_id: int,
+        job: str,
+        step: int,
+        attempt: int,
+        max_attempts: int,
+        begin_sql: str,
+    ) -> None:
+        self._conn = conn
+        self._begin_sql = begin_sql
+        self.in_transaction = False
+        #: The id of the task, the same for every step of this job run.
+        self.task_id = task_id
+        #: The name of the job.
+        self.job = job
+        #: The index of the running step, from 0.
+        self.step = step
+        #: Which try of this step this is, from 1.
+        self.attempt = attempt
+        #: Tries this step gets in all.
+        self.max_attempts = max_attempts
+
+    @property
+    def connection(self) -> psycopg2.extensions.connection:
+        """The worker's connection, inside the step's transaction."""
+        if not self.in_transaction:
+            with self._conn.cursor() as cur:
+                cur.execute(self._begin_sql)
+            self.in_transaction = True
+        return self._conn
+
+    def cursor(self, *args: Any, **kwargs: Any) -> psycopg2.extensions.cursor:
+        """A new cursor on the step's transaction; arguments go to ``connection.cursor()``."""
+        return self.connection.cursor(*args, **kwargs)
+
+    def enqueue(
+        self, job: Job, input: Any = None, *, delay: Any = None, priority: int | None = None
+    ) -> Task:
+        """Enqueue ``job`` inside this step's transaction: it exists only if the step commits."""
+        return job.enqueue(input, conn=self.connection, delay=delay, priority=priority)
+
+    def __repr__(self) -> str:
+        return (
+            f"<Context job={self.job!r} task_id={self.task_id} step={self.step} "
+            f"attempt={self.attempt}/{self.max_attempts}>"
+        )

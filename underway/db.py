@@ -1,0 +1,170 @@
+"""Connections: where the database is, opening connections, and keeping them per process.
+
+A connection belongs to the process that opened it. After ``fork`` the child never uses,
+closes or garbage-collects one it inherited (closing would end the parent's session on
+the shared socket); it opens its own on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+
+from .errors import ConfigurationError, SchemaMissing
+from .queries import QUERIES
+
+SCHEMA_VERSION = 1
+"""The newest migration this version of underway needs."""
+
+_configured_dsn: str | None = None
+
+
+def configure(dsn: str | None = None) -> None:
+    """Set the database every underway call in this process uses by default.
+
+    Without it, underway reads the ``DATABASE_URL`` environment variable. ``None`` resets
+    to that default. Call it once at start-up, e.g. in your Flask app factory::
+
+        underway.configure(dsn="postgresql://app@db/app")
+    """
+    global _configured_dsn
+    _configured_dsn = dsn
+    _default.discard()
+
+
+def resolve_dsn(dsn: str | None = None) -> str:
+    """The DSN to use: the one given, else ``configure()``'s, else ``$DATABASE_URL``."""
+    found = dsn or _configured_dsn or os.environ.get("DATABASE_URL")
+    if not found:
+        raise ConfigurationError(
+            "no database configured: call underway.configure(dsn=...), pass --dsn, "
+            "or set the DATABASE_URL environment variable"
+        )
+    return found
+
+
+_PASSWORD_IN_URI = re.compile(r"(://[^:/@]*:)[^@]*@")
+_PASSWORD_IN_KEYWORDS = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with any password replaced by ``***``, fit for logs and error messages."""
+    dsn = _PASSWORD_IN_URI.sub(r"\1***@", dsn)
+    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
+    return _PASSWORD_IN_KEYWORDS.sub(r"\1***", dsn)
+
+
+def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensions.connection:
+    """Open an autocommit connection; transactions are begun explicitly where needed.
+
+    Raises :class:`psycopg2.OperationalError` with the password left out of its message.
+    """
+    try:
+        conn = psycopg2.connect(dsn, application_name=application_name)
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip().replace("\n", " ")
+        raise psycopg2.OperationalError(
+            f"cannot connect to the database at {redact_dsn(dsn)}: {reason}"
+        ) from None
+    conn.autocommit = True
+    return conn
+
+
+def check_schema(conn: psycopg2.extensions.connection) -> None:
+    """Raise :class:`SchemaMissing` unless the database holds the schema this version needs."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute(QUERIES["schema_version"])
+            row = cur.fetchone()
+    except (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName):
+        if not conn.autocommit:
+            conn.rollback()
+        raise SchemaMissing(
+            "the database has no underway schema: run underway.run_migrations(dsn) "
+            "or `python -m underway.migrations --dsn DSN` first"
+        ) from None
+    version = row[0] if row else None
+    if version is None or version < SCHEMA_VERSION:
+        raise SchemaMissing(
+            f"the underway schema is at version {version}, this version needs "
+            f"{SCHEMA_VERSION}: run underway.run_migrations(dsn)"
+        )
+
+
+def translate_missing_schema(exc: BaseException) -> BaseException:
+    """Turn "relation underway.task does not exist" into a :class:`SchemaMissing` that says
+    what to do; other errors are returned unchanged."""
+    if isinstance(exc, (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName)):
+        return SchemaMissing(
+            f"the database has no underway schema ({str(exc).strip()}): "
+            "run underway.run_migrations(dsn) first"
+        )
+    return exc
+
+
+class ProcessConnection:
+    """One lazily opened autocommit connection per process, for enqueues made without
+    ``conn=``. A lock serialises threads; a forked child opens a fresh one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._conn: psycopg2.extensions.connection | None = None
+        self._dsn: str | None = None
+
+    @contextmanager
+    def cursor(self, dsn: str | None = None) -> Iterator[Any]:
+        """A cursor on this process's connection to ``dsn`` (default: the configured one)."""
+        target = resolve_dsn(dsn)
+        with self._lock:
+            conn = self._connection(target)
+            try:
+                with conn.cursor() as cur:
+                    yield cur
+            except (psycopg2.OperationalError, psycopg2.InterfaceError):
+                # The session broke: drop it so the next call opens a new one. Whether the
+                # failed statement committed is unknown, so it is not retried here.
+                self.discard()
+                raise
+
+    def _connection(self, dsn: str) -> psycopg2.extensions.connection:
+        if self._conn is not None and (self._conn.closed or self._dsn != dsn):
+            self.discard()
+        if self._conn is None:
+            self._conn = connect(dsn, application_name="underway enqueue")
+            self._dsn = dsn
+        return self._conn
+
+    def discard(self) -> None:
+        """Close this process's connection, if it has one of its own."""
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            finally:
+                self._conn = None
+
+    def forget_inherited(self) -> None:
+        """Run in a forked child: give up the parent's connection and lock without closing."""
+        # Keep the parent's connection object alive but unused: letting it be collected
+        # would close it, and closing it would end the parent's session.
+        if self._conn is not None:
+            _inherited.append(self._conn)
+        self._conn = None
+        self._lock = threading.Lock()
+
+
+_inherited: list[psycopg2.extensions.connection] = []
+_default = ProcessConnection()
+os.register_at_fork(after_in_child=_default.forget_inherited)
+
+
+def default_cursor(dsn: str | None = None) -> Any:
+    """A cursor on the process-wide autocommit connection (see :class:`ProcessConnection`)."""
+    return _default.cursor(dsn)

@@ -1,0 +1,24 @@
+"""The exceptions underway raises, and the one a step raises to give up at once."""
+
+from __future__ import annotations
+
+
+class UnderwayError(Exception):
+    """Base class of every error underway raises."""
+
+
+class Fatal(UnderwayError):
+    """Raise from a step to fail its task now, without the retries its policy allows.
+
+    Use it for errors that no retry can mend, such as an input that will never be valid::
+
+        raise Fatal("order 42 does not exist")
+    """
+
+
+class ConfigurationError(UnderwayError):
+    """underway was asked to do something it cannot do as configured (no DSN, bad job)."""
+
+
+class SchemaMissing(UnderwayError):
+    """The database has no underway schema, or an older one than this version needs."""

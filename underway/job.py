@@ -1,0 +1,258 @@
+"""Jobs: a named sequence of plain step functions, and how a step says what comes next.
+
+A job run moves through its steps in order. Each step is called as ``step(cx, inp)``
+and returns :class:`To` (or ``None``, which means done); the value it passes on becomes
+the next step's input. Inputs travel through PostgreSQL as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable, Union, overload
+
+from .db import default_cursor, translate_missing_schema
+from .errors import ConfigurationError
+from .queries import QUERIES
+from .retry import RetryPolicy
+from .task import Task
+
+Delay = Union[timedelta, float, int, None]
+"""A delay: a :class:`~datetime.timedelta` or a number of seconds; ``None`` means none."""
+
+StepFunction = Callable[[Any, Any], Any]
+
+
+@dataclass(frozen=True)
+class To:
+    """What a step returns to say what happens next.
+
+    - ``To.next(value)``: run the next step now, with ``value`` as its input.
+    - ``To.delay(timedelta(hours=1), value)``: run the next step later.
+    - ``To.done()``: the job run is finished (returning ``None`` means the same).
+    """
+
+    kind: str
+    value: Any = None
+    #: Seconds to wait before the next step runs.
+    wait: float = 0.0
+
+    @classmethod
+    def next(cls, value: Any = None) -> To:
+        """Go on to the next step at once, passing it ``value``."""
+        return cls("next", value)
+
+    @classmethod
+    def delay(cls, delay: Delay, value: Any = None) -> To:
+        """Go on to the next step after ``delay``, passing it ``value``."""
+        return cls("next", value, seconds(delay))
+
+    @classmethod
+    def done(cls) -> To:
+        """Finish the job run: there is no next step."""
+        return cls("done")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a job: the function and the retry policy that governs its tries."""
+
+    index: int
+    name: str
+    function: StepFunction
+    retry: RetryPolicy
+
+
+class Job:
+    """A named sequence of steps, run in order by workers; each step's output is the next
+    step's input.
+
+    Define one at module level, add steps with :meth:`step`, and enqueue runs of it::
+
+        receipts = Job("order-receipt", retry=RetryPolicy(max_attempts=5))
+
+        @receipts.step
+        def generate(cx, inp):
+            return To.next({"receipt_key": f"receipts/{inp['order_id']}.pdf"})
+
+        receipts.enqueue({"order_id": 42})
+
+    :param name: the job's name, unique across the codebase; stored with every task, so a
+        renamed job leaves its queued tasks to workers that still know the old name.
+    :param retry: the retry policy of every step that does not set its own.
+    :param priority: the default priority of its tasks; higher runs first.
+    """
+
+    def __init__(self, name: str, *, retry: RetryPolicy | None = None, priority: int = 0):
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"a job name must be a non-empty string, not {name!r}")
+        if name in _registry:
+            raise ConfigurationError(
+                f"a job named {name!r} is already defined; job names must be unique"
+            )
+        self.name = name
+        self.retry = retry or RetryPolicy()
+        self.priority = priority
+        self.steps: list[Step] = []
+        _registry[name] = self
+
+    def __repr__(self) -> str:
+        return f"<Job {self.name!r} steps={[s.name for s in self.steps]}>"
+
+    @overload
+    def step(self, function: StepFunction) -> StepFunction: ...
+
+    @overload
+    def step(
+        self, function: None = None, *, retry: RetryPolicy | None = None
+    ) -> Callable[[StepFunction], StepFunction]: ...
+
+    def step(
+        self, function: StepFunction | None = None, *, retry: RetryPolicy | None = None
+    ) -> Any:
+        """Add a step: use as ``@job.step`` or ``@job.step(retry=RetryPolicy(...))``.
+
+        Steps run in the order they are added. The function is returned unchanged, so it
+        can still be called directly in tests.
+        """
+
+        def add(fn: StepFunction) -> StepFunction:
+            if not callable(fn):
+                raise TypeError(f"job {self.name!r}: a step must be callable, not {fn!r}")
+            name = getattr(fn, "__name__", repr(fn))
+            self.steps.append(Step(len(self.steps), name, fn, retry or self.retry))
+            return fn
+
+        return add(function) if function is not None else add
+
+    def enqueue(
+        self,
+        input: Any = None,
+        *,
+        conn: Any = None,
+        delay: Delay = None,
+        priority: int | None = None,
+    ) -> Task:
+        """Enqueue a run of this job with ``input`` for its first step.
+
+        Without ``conn`` the task is committed at once, in a short transaction of its own.
+        With ``conn`` (a psycopg2 connection or cursor) it is written in the caller's
+        transaction, and exists only once the caller commits.
+
+        :param input: any JSON-serialisable value; a ``TypeError`` or ``ValueError`` naming
+            the job is raised, and nothing written, if it is not.
+        :param delay: run no earlier than this long from now (timedelta or seconds).
+        :param priority: overrides the job's priority; higher runs first.
+        """
+        params = self._task_params(delay, priority)
+        params["input"] = self._to_json(input)
+        with _cursor(conn) as cur:
+            _execute(cur, QUERIES["enqueue"], params)
+            (task_id,) = cur.fetchone()
+        return Task(task_id, self.name)
+
+    def enqueue_many(
+        self,
+        inputs: Iterable[Any],
+        *,
+        conn: Any = None,
+        delay: Delay = None,
+        priority: int | None = None,
+    ) -> list[Task]:
+        """Enqueue one run per input in a single statement: all of them or, on any error,
+        none. Returns the tasks in the order of ``inputs``. Options are as for
+        :meth:`enqueue`."""
+        inputs = list(inputs)
+        if not inputs:
+            return []
+        params = self._task_params(delay, priority)
+        params["inputs"] = self._to_json(inputs, what="an input in the batch")
+        with _cursor(conn) as cur:
+            _execute(cur, QUERIES["enqueue_many"], params)
+            ids = sorted(row[0] for row in cur.fetchall())
+        return [Task(task_id, self.name) for task_id in ids]
+
+    def _task_params(self, delay: Delay, priority: int | None) -> dict[str, Any]:
+        if not self.steps:
+            raise ConfigurationError(
+                f"job {self.name!r} has no steps: add one with @{self.name}.step"
+            )
+        chosen = self.priority if priority is None else priority
+        if not isinstance(chosen, int):
+            raise TypeError(f"job {self.name!r}: priority must be an integer, not {chosen!r}")
+        return {
+            "job": self.name,
+            "priority": chosen,
+            "delay": seconds(delay),
+            "max_attempts": self.steps[0].retry.max_attempts,
+        }
+
+    def _to_json(self, value: Any, what: str = "input") -> str:
+        return to_json(value, f"job {self.name!r}: {what}")
+
+
+def to_json(value: Any, context: str) -> str:
+    """Serialise ``value`` for a task, or raise TypeError/ValueError that says what is wrong
+    and where (``context``)."""
+    try:
+        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except TypeError as exc:
+        raise TypeError(f"{context} is not JSON-serialisable: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{context} is not valid JSON: {exc}") from None
+
+
+def seconds(delay: Delay) -> float:
+    """A delay as seconds; a negative delay is refused rather than silently run at once."""
+    if delay is None:
+        return 0.0
+    value = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    if value < 0:
+        raise ValueError(f"a delay cannot be negative: {delay!r}")
+    return value
+
+
+def _execute(cur: Any, sql: str, params: dict[str, Any]) -> None:
+    try:
+        cur.execute(sql, params)
+    except Exception as exc:
+        translated = translate_missing_schema(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+class _CallerCursor:
+    """A cursor on the caller's connection or cursor, closed after use only if we opened it."""
+
+    def __init__(self, conn: Any):
+        self._given = conn
+        self._opened: Any = None
+
+    def __enter__(self) -> Any:
+        if hasattr(self._given, "execute"):
+            return self._given
+        if hasattr(self._given, "cursor"):
+            self._opened = self._given.cursor()
+            return self._opened
+        raise TypeError(
+            f"conn must be a psycopg2 connection or cursor, not {type(self._given).__name__}"
+        )
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._opened is not None:
+            self._opened.close()
+
+
+def _cursor(conn: Any) -> Any:
+    return default_cursor() if conn is None else _CallerCursor(conn)
+
+
+_registry: dict[str, Job] = {}
+
+
+def registered_jobs() -> dict[str, Job]:
+    """Every job defined in this process so far, by name."""
+    return dict(_registry)

@@ -1,0 +1,484 @@
+"""The supervisor: forks worker processes, keeps them running, and stops them cleanly.
+
+Run it from a shell::
+
+    python -m underway.supervisor myapp.jobs --workers 4
+
+It imports the modules named (which define jobs), forks the workers, and then only
+watches: it replaces a worker that died, gives back the task a dead worker held (it reads
+it from shared memory, see :mod:`underway.slots`), renews the leases of the tasks its
+workers hold, and releases tasks whose lease lapsed on any host.
+
+Signals:
+
+=========  ===================================================================
+SIGTERM    graceful stop: no new tasks; running steps get ``--grace`` seconds to
+           finish; exit status 0. Sending it again changes nothing.
+SIGINT     the first is a graceful stop, as SIGTERM; a second is a hard stop.
+SIGQUIT    hard stop: workers are killed at once; exit status 1.
+SIGHUP     restart the workers gracefully, e.g. after a deploy.
+=========  ===================================================================
+
+A step cut off by a stop (graceful after the grace period, or hard) goes back to the
+queue at once and its try is not counted. A worker that dies on its own (a crash,
+SIGKILL, the OOM killer) has used up its try; its task is released for another at once.
+
+The supervisor holds one connection of its own; each worker holds one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import logging
+import os
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import psycopg2
+import psycopg2.extensions
+
+from .db import check_schema, connect, redact_dsn, resolve_dsn
+from .errors import UnderwayError
+from .job import Job, registered_jobs
+from .queries import QUERIES
+from .slots import Slots
+from .worker import CONNECTION_ERRORS, Worker
+
+log = logging.getLogger("underway.supervisor")
+
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD}
+
+QUICK_DEATH = 5.0
+"""A worker that dies sooner than this after starting is restarted with growing backoff."""
+
+
+@dataclass
+class Process:
+    """A worker process the supervisor started, by slot."""
+
+    slot: int
+    pid: int
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SupervisorOptions:
+    """How the supervisor runs; each field is a command-line option."""
+
+    workers: int = os.cpu_count() or 1
+    grace: float = 30.0
+    burst: bool = False
+    poll_interval: float = 1.0
+    lease: float = 30.0
+
+
+class Supervisor:
+    """Owns N worker processes for the given jobs (see the module docstring)."""
+
+    def __init__(self, dsn: str, jobs: Mapping[str, Job], options: SupervisorOptions) -> None:
+        self.dsn = dsn
+        self.jobs = dict(jobs)
+        self.options = options
+        self.slots = Slots(options.workers)
+        self.processes: dict[int, Process] = {}  # by pid
+        self.restart_at: dict[int, float] = {}  # slot -> when to start it again
+        self.crashes: dict[int, int] = {}  # slot -> quick deaths in a row
+        self.killed_by_us: set[int] = set()  # pids cut off by our own shutdown
+        self.unreleased: list[tuple[int, bool, str]] = []  # (token, counts, error)
+        self.conn: psycopg2.extensions.connection | None = None
+        self.stopping_at: float | None = None  # deadline of a graceful stop
+        self.hard_stop = False
+        self.interrupts = 0
+        self.reload = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._last_maintenance = 0.0
+
+    # -- the loop ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start the workers and supervise them until stopped; returns the exit status."""
+        self.connection()
+        self._install_signal_handlers()
+        log.info(
+            "supervisor %s starting %d workers for jobs %s on %s",
+            os.getpid(),
+            self.options.workers,
+            ", ".join(sorted(self.jobs)),
+            redact_dsn(self.dsn),
+        )
+        for slot in range(self.options.workers):
+            self.spawn(slot)
+        while True:
+            self.wait_for_event()
+            self.reap()
+            if self.hard_stop:
+                self.kill_all()
+                log.warning("hard stop: workers killed, their tasks given back")
+                return 1
+            if self.stopping_at is not None:
+                if time.monotonic() >= self.stopping_at and self.processes:
+                    log.warning("grace period over: killing workers still running a step")
+                    self.kill_all()
+                if not self.processes:
+                    self.release_unreleased()
+                    log.info("supervisor stopped")
+                    return 0
+            elif self.options.burst and not self.processes and not self.restart_at:
+                self.release_unreleased()
+                log.info("burst done: no ready task left")
+                return 0
+            else:
+                if self.reload:
+                    self.reload = False
+                    log.info("restarting workers")
+                    self.signal_workers(signal.SIGTERM)
+                self.respawn_due()
+            self.maintain()
+
+    def wait_for_event(self) -> None:
+        """Sleep until a signal or child exit arrives, or the next timer is due."""
+        timeout = self.maintenance_interval()
+        if self.restart_at:
+            timeout = min(timeout, max(min(self.restart_at.values()) - time.monotonic(), 0))
+        if self.stopping_at is not None:
+            timeout = min(timeout, max(self.stopping_at - time.monotonic(), 0))
+        readable, _, _ = select.select([self._wake_r], [], [], timeout)
+        if readable:
+            os.read(self._wake_r, 4096)
+
+    # -- signals ----------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+        signal.set_wakeup_fd(self._wake_w)
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, self._on_int)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        signal.signal(signal.SIGHUP, self._on_hup)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
+
+    # Handlers only set flags; the loop acts on them (logging here would be unsafe).
+    def _on_term(self, *_: object) -> None:
+        self.begin_stop()
+
+    def _on_int(self, *_: object) -> None:
+        self.interrupts += 1
+        if self.interrupts > 1:
+            self.hard_stop = True
+        self.begin_stop()
+
+    def _on_quit(self, *_: object) -> None:
+        self.hard_stop = True
+
+    def _on_hup(self, *_: object) -> None:
+        self.reload = True
+
+    def begin_stop(self) -> None:
+        """Start a graceful stop; a repeated request keeps the first deadline."""
+        if self.stopping_at is None:
+            self.stopping_at = time.monotonic() + self.options.grace
+            self.signal_workers(signal.SIGTERM)
+
+    def signal_workers(self, signum: int) -> None:
+        """Send ``signum`` to every live worker."""
+        for pid in list(self.processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # -- workers ----------------------------------------------------------------
+
+    def spawn(self, slot: int) -> None:
+        """Fork a worker process for ``slot``.
+
+        Signals are held back across the fork, so that the child never runs the
+        supervisor's handlers and a stop signal never misses the newborn worker.
+        """
+        self.restart_at.pop(slot, None)
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                os._exit(self._worker_main(slot))
+            self.processes[pid] = Process(slot, pid)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+
+    def _worker_main(self, slot: int) -> int:
+        """Body of a forked worker process; returns its exit status."""
+        status = 0
+        try:
+            # The parent's connection and wake-up pipe are not ours: leave them be.
+            if self.conn is not None:
+                _inherited.append(self.conn)
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            wake_r, wake_w = os.pipe()
+            os.set_blocking(wake_r, False)
+            os.set_blocking(wake_w, False)
+            signal.set_wakeup_fd(wake_w)
+            worker = Worker(
+                self.dsn,
+                self.jobs,
+                poll_interval=self.options.poll_interval,
+                lease=self.options.lease,
+                burst=self.options.burst,
+                slots=self.slots,
+                slot=slot,
+                wakeup_fd=wake_r,
+            )
+            # Ctrl-C reaches the whole process group: only the supervisor decides.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+            worker.run()
+        except BaseException:
+            logging.getLogger("underway.worker").critical(
+                "worker crashed:\n%s", traceback.format_exc()
+            )
+            status = 1
+        finally:
+            logging.shutdown()
+        return status
+
+    def reap(self) -> None:
+        """Collect every worker that exited, give back its task, and plan its restart."""
+        while self.processes:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            process = self.processes.pop(pid, None)
+            if process is not None:
+                self.on_exit(process, status)
+
+    def on_exit(self, process: Process, status: int) -> None:
+        """A worker exited: release what it held, then decide whether to restart it."""
+        slot = process.slot
+        ours = process.pid in self.killed_by_us
+        self.killed_by_us.discard(process.pid)
+        how = describe_exit(status)
+        token, task_id = self.slots.read(slot)
+        self.slots.clear(slot)
+        clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        if token:
+            counts = not ours
+            reason = f"worker process {process.pid} {how}"
+            if not ours:
+                reason += " while running the step"
+            self.unreleased.append((token, counts, reason))
+            self.release_unreleased()
+        if clean or ours:
+            log.info("worker %s (slot %d) %s", process.pid, slot, how)
+        else:
+            log.error(
+                "worker %s (slot %d) %s%s",
+                process.pid,
+                slot,
+                how,
+                f" holding task {task_id}" if task_id else "",
+            )
+        if self.stopping_at is not None or self.hard_stop:
+            return
+        if clean and self.options.burst:
+            return
+        lived = time.monotonic() - process.started
+        self.crashes[slot] = self.crashes.get(slot, 0) + 1 if lived < QUICK_DEATH else 0
+        if clean:
+            self.crashes[slot] = 0
+        delay = 0.0 if not self.crashes[slot] else min(0.1 * 2 ** self.crashes[slot], 30.0)
+        if delay:
+            log.warning("restarting worker slot %d in %.1fs", slot, delay)
+        self.restart_at[slot] = time.monotonic() + delay
+
+    def respawn_due(self) -> None:
+        """Start the workers whose restart time has come."""
+        now = time.monotonic()
+        for slot, when in list(self.restart_at.items()):
+            if when <= now:
+                self.spawn(slot)
+
+    def kill_all(self) -> None:
+        """SIGKILL every worker and reap them; their tasks go back uncounted."""
+        for pid in list(self.processes):
+            self.killed_by_us.add(pid)
+        self.signal_workers(signal.SIGKILL)
+        while self.processes:
+            pid, status = os.waitpid(-1, 0)
+            process = self.processes.pop(pid, None)
+            if process is not None:
+                self.on_exit(process, status)
+        self.release_unreleased()
+
+    # -- database ---------------------------------------------------------------
+
+    def connection(self) -> psycopg2.extensions.connection:
+        """The supervisor's one connection, opened (and checked) on first use."""
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.dsn, application_name=f"underway supervisor {os.getpid()}")
+            check_schema(self.conn)
+        return self.conn
+
+    def release_unreleased(self) -> None:
+        """Give back the tasks of dead workers; kept for later if the database is away."""
+        while self.unreleased:
+            token, counts, reason = self.unreleased[0]
+            try:
+                with self.connection().cursor() as cur:
+                    cur.execute(
+                        QUERIES["release_task"],
+                        {
+                            "token": token,
+                            "counts": counts,
+                            "outcome": "crashed" if counts else "interrupted",
+                            "error": reason,
+                        },
+                    )
+                    released = cur.fetchall()
+            except CONNECTION_ERRORS as exc:
+                log.warning("cannot release a dead worker's task yet: %s", exc)
+                self.conn = None
+                return
+            self.unreleased.pop(0)
+            for task_id, state, _ in released:
+                log.warning("task %s given back (%s): %s", task_id, state, reason)
+
+    def maintenance_interval(self) -> float:
+        """Seconds between lease renewals; a third of the lease, so two can fail."""
+        return min(max(self.options.lease / 3, 0.2), 10.0)
+
+    def maintain(self) -> None:
+        """Renew our workers' leases and release tasks whose lease lapsed anywhere."""
+        now = time.monotonic()
+        if now - self._last_maintenance < self.maintenance_interval():
+            return
+        self._last_maintenance = now
+        try:
+            self.release_unreleased()
+            with self.connection().cursor() as cur:
+                tokens = self.slots.tokens()
+                if tokens:
+                    cur.execute(
+                        QUERIES["renew_leases"], {"tokens": tokens, "lease": self.options.lease}
+                    )
+                cur.execute(QUERIES["reclaim_expired"])
+                for task_id, _ in cur.fetchall():
+                    log.warning("task %s released: its lease expired", task_id)
+        except CONNECTION_ERRORS as exc:
+            log.warning("maintenance skipped, database unavailable: %s", exc)
+            self.conn = None
+
+
+_inherited: list[psycopg2.extensions.connection] = []
+
+
+def describe_exit(status: int) -> str:
+    """How a child ended, in words: 'exited with status 1', 'killed by SIGKILL'."""
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    return f"exited with status {os.WEXITSTATUS(status)}"
+
+
+def import_jobs(modules: Sequence[str]) -> dict[str, Job]:
+    """Import the modules that define jobs and return every job defined."""
+    for name in modules:
+        importlib.import_module(name)
+    return registered_jobs()
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse the command line of ``python -m underway.supervisor``."""
+    defaults = SupervisorOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m underway.supervisor",
+        description="Run underway workers for the jobs defined in MODULEs.",
+    )
+    parser.add_argument("modules", nargs="+", metavar="MODULE", help="module defining jobs")
+    parser.add_argument(
+        "--workers", type=int, default=defaults.workers, help="worker processes (default: CPUs)"
+    )
+    parser.add_argument("--dsn", help="database (default: $DATABASE_URL)")
+    parser.add_argument(
+        "--grace",
+        type=float,
+        default=defaults.grace,
+        help="seconds running steps get to finish on a graceful stop (default: 30)",
+    )
+    parser.add_argument(
+        "--burst", action="store_true", help="exit once no task of these jobs is ready to run"
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        default=defaults.poll_interval,
+        help="longest idle wait between looks at the queue, in seconds (default: 1)",
+    )
+    parser.add_argument(
+        "--lease",
+        type=float,
+        default=defaults.lease,
+        help="seconds before a task whose supervisor stopped renewing it is reclaimed "
+        "(default: 30)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m underway.supervisor``; returns the exit status."""
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    sys.path.insert(0, os.getcwd())
+    try:
+        jobs = import_jobs(args.modules)
+    except ModuleNotFoundError as exc:
+        if exc.name in args.modules:
+            print(f"underway: cannot import module {exc.name!r}: no such module", file=sys.stderr)
+            return 2
+        raise
+    if not jobs:
+        print(
+            f"underway: no jobs defined in {', '.join(args.modules)}: define one with Job(...)",
+            file=sys.stderr,
+        )
+        return 2
+    options = SupervisorOptions(
+        workers=args.workers,
+        grace=args.grace,
+        burst=args.burst,
+        poll_interval=args.poll_interval,
+        lease=args.lease,
+    )
+    try:
+        supervisor = Supervisor(resolve_dsn(args.dsn), jobs, options)
+        return supervisor.run()
+    except (UnderwayError, psycopg2.OperationalError) as exc:
+        print(f"underway: {exc}".strip(), file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,406 @@
+"""The worker: one process, one connection, one task at a time.
+
+:meth:`Worker.run` is the whole loop; read it first. Each turn, :meth:`Worker.run_once`
+
+1. claims the next ready task in a short transaction of its own (the try is counted
+   there, so a worker that dies mid-step has still used it up);
+2. calls the step with a :class:`~underway.context.Context`; the step's writes through it
+   go into a second transaction;
+3. in that same transaction records the outcome: the next step, the end of the job, or
+   a failure to retry, fenced on the claim token so a worker that lost its task (lease
+   lapsed, task reclaimed) can change nothing;
+4. commits.
+
+A step's effects, its completion and the enqueue of its next step thus commit together or
+not at all. When no task is ready, the worker waits on LISTEN/NOTIFY, and never longer
+than the poll interval or the time until the next delayed task is due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import select
+import time
+import traceback
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from .context import Context
+from .db import check_schema, connect
+from .errors import Fatal
+from .job import Job, Step, To, to_json
+from .queries import QUERIES
+from .slots import Slots
+
+log = logging.getLogger("underway.worker")
+
+CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A task this worker has claimed: the row as the claim left it."""
+
+    id: int
+    job: str
+    step: int
+    input: Any
+    attempt: int
+    max_attempts: int
+    token: int
+
+
+class Worker:
+    """Runs tasks of the given jobs, one per transaction, until asked to stop.
+
+    Normally started by the supervisor (``python -m underway.supervisor``), one per
+    process. Tests can drive it directly with :meth:`run_once`.
+
+    :param dsn: the database.
+    :param jobs: the jobs this worker runs, by name; tasks of other jobs are left alone.
+    :param poll_interval: the longest an idle worker waits before looking again, in case a
+        notification was missed.
+    :param lease: seconds a claim stays valid unless the supervisor renews it.
+    :param burst: return from :meth:`run` as soon as no task is ready.
+    :param slots: shared memory to post held tasks to the supervisor, and this
+        worker's ``slot`` index in it.
+    :param wakeup_fd: a file descriptor that becomes readable when a signal arrives, so an
+        idle wait ends at once.
+    """
+
+    def __init__(
+        self,
+        dsn: str,
+        jobs: Mapping[str, Job],
+        *,
+        poll_interval: float = 1.0,
+        lease: float = 30.0,
+        burst: bool = False,
+        slots: Slots | None = None,
+        slot: int = 0,
+        wakeup_fd: int | None = None,
+    ) -> None:
+        self.dsn = dsn
+        self.jobs = dict(jobs)
+        self.job_names = sorted(self.jobs)
+        self.poll_interval = poll_interval
+        self.lease = lease
+        self.burst = burst
+        self.slots = slots or Slots(1)
+        self.slot = slot if slots else 0
+        self.wakeup_fd = wakeup_fd
+        self.stopping = False
+        self.conn: psycopg2.extensions.connection | None = None
+        self._parent = os.getppid()
+        # A claim (token, reason, whether the try counts) held when the connection broke,
+        # to give back once reconnected.
+        self._orphan: tuple[int, str, bool] | None = None
+
+    def stop(self) -> None:
+        """Ask the worker to stop after the step it is running; safe in a signal handler."""
+        self.stopping = True
+
+    def run(self) -> None:
+        """Work until :meth:`stop` is called (or, in burst mode, until nothing is ready).
+
+        A lost connection is not fatal: the worker reconnects with backoff, listens again
+        and gives back any task it held, then carries on.
+        """
+        failures = 0
+        while not self.stopping:
+            try:
+                self.connect()
+                failures = 0
+                if self.run_once():
+                    continue
+                if self.burst:
+                    break
+                self.wait()
+            except CONNECTION_ERRORS as exc:
+                self.disconnect()
+                failures += 1
+                pause = min(0.05 * 2**failures, 5.0)
+                log.warning("database connection lost (%s); retrying in %.2fs", exc, pause)
+                self.sleep(pause)
+            if self._parent != os.getppid():
+                log.warning("supervisor is gone; worker stopping")
+                self.stop()
+        self.disconnect()
+
+    def run_once(self) -> bool:
+        """Claim and run one ready task; False when none was ready."""
+        claim = self.claim()
+        if claim is None:
+            return False
+        try:
+            self.execute(claim)
+        finally:
+            self.slots.clear(self.slot)
+        return True
+
+    # -- connection --------------------------------------------------------------
+
+    def connect(self) -> psycopg2.extensions.connection:
+        """Open the worker's one connection if it is not open, and LISTEN on it."""
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.dsn, application_name=f"underway worker {os.getpid()}")
+            check_schema(self.conn)
+            with self.conn.cursor() as cur:
+                cur.execute("LISTEN underway")
+            if self._orphan is not None:
+                self.give_back_orphan()
+        return self.conn
+
+    def disconnect(self) -> None:
+        """Close the connection, if open; errors closing a dead one do not matter."""
+        if self.conn is not None:
+            with contextlib.suppress(CONNECTION_ERRORS):
+                self.conn.close()
+            self.conn = None
+
+    # -- claiming and waiting -----------------------------------------------------
+
+    def claim(self) -> Claim | None:
+        """Claim the next ready task, posting the claim token to the supervisor first."""
+        token = random.getrandbits(63) or 1
+        self.slots.post(self.slot, token)
+        conn = self.connect()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(
+                    QUERIES["claim_task"],
+                    {"jobs": self.job_names, "token": token, "lease": self.lease},
+                )
+                row = cur.fetchone()
+        except CONNECTION_ERRORS:
+            # The claim may have committed: give it back, uncounted, once reconnected.
+            self._orphan = (token, "connection lost while claiming", False)
+            raise
+        if row is None:
+            self.slots.clear(self.slot)
+            return None
+        self.slots.post(self.slot, token, row[0])
+        return Claim(*row, token=token)
+
+    def wait(self) -> None:
+        """Sleep until notified, until the next delayed task is due, or the poll interval."""
+        conn = self.connect()
+        with conn.cursor() as cur:
+            cur.execute(QUERIES["seconds_until_due"], {"jobs": self.job_names})
+            row = cur.fetchone()
+        timeout = self.poll_interval
+        if row is not None:
+            timeout = min(timeout, max(row[0], 0.005))
+        if conn.notifies:
+            conn.notifies.clear()
+            return
+        self._select([conn], timeout)
+        conn.poll()
+        conn.notifies.clear()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once for a signal."""
+        self._select([], seconds)
+
+    def _select(self, conns: list[Any], timeout: float) -> None:
+        fds = list(conns)
+        if self.wakeup_fd is not None:
+            fds.append(self.wakeup_fd)
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if self.wakeup_fd in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wakeup_fd, 512)
+
+    # -- running a step -----------------------------------------------------------
+
+    def execute(self, claim: Claim) -> None:
+        """Run the claimed task's step and commit its outcome with its effects."""
+        job = self.jobs[claim.job]
+        conn = self.connect()
+        cx = Context(
+            conn,
+            task_id=claim.id,
+            job=claim.job,
+            step=claim.step,
+            attempt=claim.attempt,
+            max_attempts=claim.max_attempts,
+            begin_sql="BEGIN",
+        )
+        step = job.steps[claim.step] if claim.step < len(job.steps) else None
+        started = time.perf_counter()
+        self._log("started", claim, step)
+        try:
+            if step is None:
+                raise Fatal(
+                    f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
+                    "were steps removed while tasks were queued?"
+                )
+            outcome = self._outcome(job, step, step.function(cx, claim.input))
+            self._finish(cx, claim, outcome)
+        except Exception as exc:
+            if conn.closed:
+                # The session is gone, and the step's transaction with it.
+                self._orphan = (claim.token, f"connection lost during step: {exc}", True)
+                raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
+            self._fail(cx, claim, step, exc, time.perf_counter() - started)
+            return
+        self._log(
+            "succeeded" if outcome.kind == "done" else "advanced",
+            claim,
+            step,
+            duration=time.perf_counter() - started,
+        )
+
+    def _outcome(self, job: Job, step: Step, result: Any) -> To:
+        """Check what the step returned: a To (or None for done) that fits the job."""
+        if result is None:
+            return To.done()
+        if not isinstance(result, To):
+            raise Fatal(
+                f"step {step.name!r} of job {job.name!r} returned {type(result).__name__}; "
+                "a step returns To.next(value), To.delay(delay, value), To.done() or None"
+            )
+        if result.kind == "next" and step.index + 1 >= len(job.steps):
+            raise Fatal(
+                f"step {step.name!r} is the last step of job {job.name!r}, "
+                "so it cannot go on to a next one: return To.done()"
+            )
+        return result
+
+    def _finish(self, cx: Context, claim: Claim, outcome: To) -> None:
+        """Record the outcome in the step's transaction (if it opened one) and commit."""
+        fence = {"id": claim.id, "token": claim.token}
+        if outcome.kind == "done":
+            sql, params = QUERIES["complete_task"], fence
+        else:
+            following = self.jobs[claim.job].steps[claim.step + 1]
+            params = {
+                **fence,
+                "input": to_json(outcome.value, f"output of step {claim.step} of {claim.job!r}"),
+                "delay": outcome.wait,
+                "max_attempts": following.retry.max_attempts,
+            }
+            sql = QUERIES["advance_task"]
+        with cx._conn.cursor() as cur:
+            cur.execute(sql, params)
+            fenced_out = cur.rowcount != 1
+            if cx.in_transaction:
+                cur.execute("ROLLBACK" if fenced_out else "COMMIT")
+            if outcome.wait and not fenced_out:
+                cur.execute("SELECT pg_notify('underway', '')")
+        if fenced_out:
+            log.warning(
+                "task %s (job %s) was taken from this worker before its step finished; "
+                "the step's writes were rolled back",
+                claim.id,
+                claim.job,
+                extra={"event": "task_lost", "task_id": claim.id, "job": claim.job},
+            )
+
+    def _fail(
+        self,
+        cx: Context,
+        claim: Claim,
+        step: Step | None,
+        exc: Exception,
+        duration: float,
+    ) -> None:
+        """Roll back the step's writes, then record the failed try: retry later or give up."""
+        policy = step.retry if step is not None else None
+        retry = (
+            not isinstance(exc, Fatal) and policy is not None and policy.should_retry(claim.attempt)
+        )
+        delay = policy.delay(claim.attempt) if retry and policy else 0.0
+        error = f"{type(exc).__name__}: {exc}"
+        with cx._conn.cursor() as cur:
+            if cx.in_transaction:
+                cur.execute("ROLLBACK")
+            cur.execute(
+                QUERIES["fail_task"],
+                {
+                    "id": claim.id,
+                    "token": claim.token,
+                    "retry": retry,
+                    "delay": delay,
+                    "error": error,
+                    "traceback": traceback.format_exc(),
+                    "outcome": "failed",
+                },
+            )
+            if retry:
+                cur.execute("SELECT pg_notify('underway', '')")
+        if retry:
+            self._log("retrying", claim, step, duration=duration, error=error, delay=delay)
+        else:
+            self._log("failed", claim, step, duration=duration, error=error)
+
+    def give_back_orphan(self) -> None:
+        """After a reconnect, release the task held when the connection broke."""
+        assert self._orphan is not None and self.conn is not None
+        token, reason, counts = self._orphan
+        with self.conn.cursor() as cur:
+            cur.execute(
+                QUERIES["release_task"],
+                {
+                    "token": token,
+                    "counts": counts,
+                    "outcome": "crashed" if counts else "interrupted",
+                    "error": reason,
+                },
+            )
+            released = cur.fetchall()
+        self._orphan = None
+        self.slots.clear(self.slot)
+        for task_id, state, _ in released:
+            log.warning("gave back task %s after a lost connection (now %s)", task_id, state)
+
+    def _log(
+        self,
+        event: str,
+        claim: Claim,
+        step: Step | None,
+        *,
+        duration: float | None = None,
+        error: str | None = None,
+        delay: float | None = None,
+    ) -> None:
+        step_name = step.name if step else "?"
+        message = "task %s: job=%s task_id=%s step=%s(%s) attempt=%s/%s"
+        args: list[Any] = [
+            event,
+            claim.job,
+            claim.id,
+            claim.step,
+            step_name,
+            claim.attempt,
+            claim.max_attempts,
+        ]
+        if duration is not None:
+            message += " duration=%.1fms"
+            args.append(duration * 1000)
+        if delay is not None:
+            message += " retry_in=%.2fs"
+            args.append(delay)
+        if error is not None:
+            message += " error=%s"
+            args.append(error)
+        level = logging.WARNING if event in ("retrying", "failed") else logging.INFO
+        log.log(
+            level,
+            message,
+            *args,
+            extra={
+                "event": f"task_{event}",
+                "task_id": claim.id,
+                "job": claim.job,
+                "step": claim.step,
+                "attempt": claim.attempt,
+            },
+        )
