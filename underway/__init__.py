@@ -11,6 +11,7 @@ from .errors import ConfigurationError, Fatal, SchemaMissing, UnderwayError
 from .job import Job, To
 from .migrations import run_migrations
 from .retry import RetryPolicy
+from .supervisor import run_workers
 from .task import Task, TaskState
 
 __version__ = "0.1.0"
@@ -29,4 +30,5 @@ __all__ = [
     "__version__",
     "configure",
     "run_migrations",
+    "run_workers",
 ]

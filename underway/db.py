@@ -7,6 +7,7 @@ the shared socket); it opens its own on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
@@ -62,13 +63,30 @@ def redact_dsn(dsn: str) -> str:
     return _PASSWORD_IN_KEYWORDS.sub(r"\1***", dsn)
 
 
+# Connection settings that keep a worker from hanging on a dead network path: give up
+# connecting after 10 s, and notice a silent peer within about 30 s. A DSN's own values win.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "10",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+}
+
+
 def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensions.connection:
     """Open an autocommit connection; transactions are begun explicitly where needed.
 
     Raises :class:`psycopg2.OperationalError` with the password left out of its message.
     """
     try:
-        conn = psycopg2.connect(dsn, application_name=application_name)
+        given = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError as exc:
+        raise ConfigurationError(f"invalid database DSN {redact_dsn(dsn)!r}: {exc}") from None
+    try:
+        settings = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+        settings.setdefault("application_name", given.get("application_name", application_name))
+        conn = psycopg2.connect(dsn, **settings)
     except psycopg2.OperationalError as exc:
         reason = str(exc).strip().replace("\n", " ")
         raise psycopg2.OperationalError(
@@ -76,6 +94,13 @@ def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensi
         ) from None
     conn.autocommit = True
     return conn
+
+
+def close_quietly(conn: psycopg2.extensions.connection | None) -> None:
+    """Close a connection that may already be broken; errors from a dead one do not matter."""
+    if conn is not None:
+        with contextlib.suppress(psycopg2.Error):
+            conn.close()
 
 
 def check_schema(conn: psycopg2.extensions.connection) -> None:
@@ -144,11 +169,8 @@ class ProcessConnection:
 
     def discard(self) -> None:
         """Close this process's connection, if it has one of its own."""
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            finally:
-                self._conn = None
+        close_quietly(self._conn)
+        self._conn = None
 
     def forget_inherited(self) -> None:
         """Run in a forked child: give up the parent's connection and lock without closing."""

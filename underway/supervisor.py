@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 import psycopg2
 import psycopg2.extensions
 
-from .db import check_schema, connect, redact_dsn, resolve_dsn
+from .db import check_schema, close_quietly, connect, redact_dsn, resolve_dsn
 from .errors import UnderwayError
 from .job import Job, registered_jobs
 from .queries import QUERIES
@@ -331,6 +331,11 @@ class Supervisor:
             check_schema(self.conn)
         return self.conn
 
+    def drop_connection(self) -> None:
+        """Close a connection that failed, so a new one replaces it rather than adds to it."""
+        close_quietly(self.conn)
+        self.conn = None
+
     def release_unreleased(self) -> None:
         """Give back the tasks of dead workers; kept for later if the database is away."""
         while self.unreleased:
@@ -349,7 +354,7 @@ class Supervisor:
                     released = cur.fetchall()
             except CONNECTION_ERRORS as exc:
                 log.warning("cannot release a dead worker's task yet: %s", exc)
-                self.conn = None
+                self.drop_connection()
                 return
             self.unreleased.pop(0)
             for task_id, state, _ in released:
@@ -378,7 +383,7 @@ class Supervisor:
                     log.warning("task %s released: its lease expired", task_id)
         except CONNECTION_ERRORS as exc:
             log.warning("maintenance skipped, database unavailable: %s", exc)
-            self.conn = None
+            self.drop_connection()
 
 
 _inherited: list[psycopg2.extensions.connection] = []
@@ -465,19 +470,46 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    options = SupervisorOptions(
-        workers=args.workers,
-        grace=args.grace,
-        burst=args.burst,
-        poll_interval=args.poll_interval,
-        lease=args.lease,
-    )
     try:
-        supervisor = Supervisor(resolve_dsn(args.dsn), jobs, options)
-        return supervisor.run()
+        return run_workers(
+            jobs,
+            dsn=args.dsn,
+            workers=args.workers,
+            grace=args.grace,
+            burst=args.burst,
+            poll_interval=args.poll_interval,
+            lease=args.lease,
+        )
     except (UnderwayError, psycopg2.OperationalError) as exc:
         print(f"underway: {exc}".strip(), file=sys.stderr)
         return 1
+
+
+def run_workers(
+    jobs: Mapping[str, Job] | None = None,
+    *,
+    dsn: str | None = None,
+    workers: int = 1,
+    grace: float = 30.0,
+    burst: bool = False,
+    poll_interval: float = 1.0,
+    lease: float = 30.0,
+) -> int:
+    """Supervise worker processes from this process, as ``python -m underway.supervisor``
+    does; blocks until stopped and returns the exit status.
+
+    Handy in scripts that define their jobs in ``__main__``::
+
+        underway.run_workers(workers=2, burst=True)   # work until nothing is ready
+
+    :param jobs: the jobs to run, by name (default: every job defined so far).
+    :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
+    """
+    options = SupervisorOptions(
+        workers=workers, grace=grace, burst=burst, poll_interval=poll_interval, lease=lease
+    )
+    chosen = registered_jobs() if jobs is None else dict(jobs)
+    return Supervisor(resolve_dsn(dsn), chosen, options).run()
 
 
 if __name__ == "__main__":

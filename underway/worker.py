@@ -33,7 +33,7 @@ import psycopg2
 import psycopg2.extensions
 
 from .context import Context
-from .db import check_schema, connect
+from .db import check_schema, close_quietly, connect
 from .errors import Fatal
 from .job import Job, Step, To, to_json
 from .queries import QUERIES
@@ -160,10 +160,8 @@ class Worker:
 
     def disconnect(self) -> None:
         """Close the connection, if open; errors closing a dead one do not matter."""
-        if self.conn is not None:
-            with contextlib.suppress(CONNECTION_ERRORS):
-                self.conn.close()
-            self.conn = None
+        close_quietly(self.conn)
+        self.conn = None
 
     # -- claiming and waiting -----------------------------------------------------
 
