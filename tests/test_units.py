@@ -1,8 +1,5 @@
 """Fast unit tests that need no database: retry policies, To, Job definition and the checks
 enqueue makes before it connects, DSN resolution and redaction, and the query loader.
-
-Tests marked ``xfail(strict=True)`` pin down known library bugs; each one starts passing
-(and so fails the suite) once its bug is fixed, as a reminder to drop the marker.
 """
 
 import dataclasses
@@ -150,15 +147,10 @@ def test_retry_policy_is_immutable():
         RetryPolicy().max_attempts = 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: with initial_interval=0 the overflow fallback returns max_interval",
-)
 def test_zero_initial_interval_stays_zero_for_huge_attempt_numbers():
     assert RetryPolicy(initial_interval=0).delay(1_100) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason="bug: NaN passes the `< 0` checks in __post_init__")
 @pytest.mark.parametrize("field", ["initial_interval", "max_interval", "backoff_coefficient"])
 def test_retry_policy_rejects_nan(field):
     with pytest.raises(ValueError, match=field):
@@ -205,7 +197,6 @@ def test_to_delay_refuses_a_negative_delay(delay):
         To.delay(delay, "v")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: seconds() lets NaN through (NaN < 0 is False)")
 def test_to_delay_refuses_nan():
     with pytest.raises(ValueError):
         To.delay(math.nan, "v")
@@ -464,25 +455,16 @@ def test_redact_dsn_leaves_a_dsn_without_password_unchanged(dsn):
     assert redact_dsn(dsn) == dsn
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: \\S+ stops at a backslash-escaped space, leaking the rest"
-)
 def test_redact_dsn_hides_an_unquoted_password_with_an_escaped_space():
     """libpq reads ``password=se\\ cret`` as the password ``se cret``."""
     assert "cret" not in redact_dsn(r"host=h password=se\ cret user=u")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: the keyword pattern also runs on URIs and eats later params"
-)
 def test_redact_dsn_keeps_query_parameters_after_the_password():
     dsn = "postgresql://u@h/db?password=secret&application_name=app"
     assert redact_dsn(dsn) == "postgresql://u@h/db?password=***&application_name=app"
 
 
-@pytest.mark.xfail(
-    strict=True, reason="bug: the URI pattern takes host:port...@ for user:password@"
-)
 def test_redact_dsn_leaves_an_at_sign_in_a_query_parameter_alone():
     dsn = "postgresql://h:5432/db?application_name=me@laptop"
     assert redact_dsn(dsn) == dsn

@@ -52,14 +52,15 @@ def resolve_dsn(dsn: str | None = None) -> str:
     return found
 
 
-_PASSWORD_IN_URI = re.compile(r"(://[^:/@]*:)[^@]*@")
-_PASSWORD_IN_KEYWORDS = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.I)
+_PASSWORD_IN_URI = re.compile(r"(://[^:/@]*:)[^@/]*@")
+_PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*", re.I)
+_PASSWORD_IN_KEYWORDS = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)+)", re.I)
 
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ``***``, fit for logs and error messages."""
-    dsn = _PASSWORD_IN_URI.sub(r"\1***@", dsn)
-    dsn = re.sub(r"([?&]password=)[^&]*", r"\1***", dsn)
+    if "://" in dsn:
+        return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URI.sub(r"\1***@", dsn))
     return _PASSWORD_IN_KEYWORDS.sub(r"\1***", dsn)
 
 

@@ -8,6 +8,7 @@ the next step's input. Inputs travel through PostgreSQL as JSON.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -164,6 +165,11 @@ class Job:
         """Enqueue one run per input in a single statement: all of them or, on any error,
         none. Returns the tasks in the order of ``inputs``. Options are as for
         :meth:`enqueue`."""
+        if isinstance(inputs, (str, bytes, dict)):
+            raise TypeError(
+                f"job {self.name!r}: enqueue_many takes a list of inputs, "
+                f"not a single {type(inputs).__name__}"
+            )
         inputs = list(inputs)
         if not inputs:
             return []
@@ -180,7 +186,7 @@ class Job:
                 f"job {self.name!r} has no steps: add one with @{self.name}.step"
             )
         chosen = self.priority if priority is None else priority
-        if not isinstance(chosen, int):
+        if isinstance(chosen, bool) or not isinstance(chosen, int):
             raise TypeError(f"job {self.name!r}: priority must be an integer, not {chosen!r}")
         return {
             "job": self.name,
@@ -208,9 +214,14 @@ def seconds(delay: Delay) -> float:
     """A delay as seconds; a negative delay is refused rather than silently run at once."""
     if delay is None:
         return 0.0
-    value = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-    if value < 0:
-        raise ValueError(f"a delay cannot be negative: {delay!r}")
+    if isinstance(delay, timedelta):
+        value = delay.total_seconds()
+    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
+        value = float(delay)
+    else:
+        raise TypeError(f"a delay is a timedelta or a number of seconds, not {delay!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"a delay must be finite and not negative: {delay!r}")
     return value
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -25,21 +26,31 @@ class RetryPolicy:
     backoff_coefficient: float = 2.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be an integer >= 1, not {self.max_attempts!r}")
-        if self.initial_interval < 0 or self.max_interval < 0:
-            raise ValueError("initial_interval and max_interval must not be negative")
-        if self.backoff_coefficient < 1:
-            raise ValueError(f"backoff_coefficient must be >= 1, not {self.backoff_coefficient!r}")
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"max_attempts must be an integer >= 1, not {attempts!r}")
+        for name in ("initial_interval", "max_interval"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
+        if not math.isfinite(self.backoff_coefficient) or self.backoff_coefficient < 1:
+            raise ValueError(
+                f"backoff_coefficient must be a finite number >= 1, not {self.backoff_coefficient!r}"
+            )
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (counting from 1)."""
-        exponent = max(attempt - 1, 0)
+        if self.initial_interval == 0:
+            return 0.0
+        # Floats, so that a huge attempt number overflows at once instead of growing a
+        # big integer for seconds.
         try:
-            wait = self.initial_interval * self.backoff_coefficient**exponent
+            wait = float(self.initial_interval) * float(self.backoff_coefficient) ** max(
+                attempt - 1, 0
+            )
         except OverflowError:
-            wait = self.max_interval
-        return min(wait, self.max_interval)
+            wait = math.inf
+        return float(min(wait, self.max_interval))
 
     def should_retry(self, attempt: int) -> bool:
         """Whether a failure of try number ``attempt`` leaves a try to make."""
