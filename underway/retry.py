@@ -33,10 +33,9 @@ class RetryPolicy:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, not {value!r}")
-        if not math.isfinite(self.backoff_coefficient) or self.backoff_coefficient < 1:
-            raise ValueError(
-                f"backoff_coefficient must be a finite number >= 1, not {self.backoff_coefficient!r}"
-            )
+        coefficient = self.backoff_coefficient
+        if not math.isfinite(coefficient) or coefficient < 1:
+            raise ValueError(f"backoff_coefficient must be finite and >= 1, not {coefficient!r}")
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait after failed try number ``attempt`` (counting from 1)."""
