@@ -106,6 +106,28 @@ def _kill_group(pgid: int, sig: int = signal.SIGKILL) -> None:
         os.killpg(pgid, sig)
 
 
+def _peek_exit(pid: int, timeout: float = 0.0) -> int | None:
+    """Exit status of child ``pid`` (negative: killed by that signal) once it has exited,
+    polling up to ``timeout`` seconds; None if still running.
+
+    The child is NOT reaped (``WNOWAIT``): while it is a zombie its pid, which is also its
+    process group id, cannot be reused, so a later ``killpg`` cannot hit a stranger's group.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return None  # already reaped elsewhere
+        if info is not None and info.si_pid == pid:
+            if info.si_code == os.CLD_EXITED:
+                return info.si_status
+            return -info.si_status
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.005)
+
+
 def run_python(
     code_or_args: str | Sequence[str],
     env: Mapping[str, str] | None = None,
@@ -121,25 +143,28 @@ def run_python(
         args = [sys.executable, "-c", code_or_args]
     else:
         args = [sys.executable, *code_or_args]
-    proc = subprocess.Popen(
-        args,
-        cwd=str(cwd or REPO_ROOT),
-        env=subprocess_env(env),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    # Temp files, not pipes: a background grandchild holding a pipe open would make
+    # communicate() wait for it even after the script itself has exited.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            args,
+            cwd=str(cwd or REPO_ROOT),
+            env=subprocess_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+        )
+        timed_out = _peek_exit(proc.pid, timeout) is None
+        # Anything still in the script's group (or the script itself on timeout) dies now.
         _kill_group(proc.pid)
-        stdout, stderr = proc.communicate()
-        raise subprocess.TimeoutExpired(args, timeout, stdout, stderr) from None
-    finally:
-        # Anything the script left in its group dies with it.
-        _kill_group(proc.pid)
+        proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    if timed_out:
+        raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
@@ -167,14 +192,18 @@ class Supervisor:
         *,
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        module: str = "underway.supervisor",
     ) -> None:
-        """Describe the command; nothing runs until ``start()`` / ``with``."""
+        """Describe the command; nothing runs until ``start()`` / ``with``.
+
+        ``module`` replaces ``underway.supervisor`` (the infrastructure tests use a stand-in).
+        """
         if isinstance(modules, str):
             modules = [modules]
         self.args = [
             sys.executable,
             "-m",
-            "underway.supervisor",
+            module,
             *modules,
             "--dsn",
             dsn,
@@ -221,7 +250,7 @@ class Supervisor:
     def close(self) -> None:
         """Kill everything left of the group and known workers, reap, close the log fd."""
         if self.proc is not None:
-            if self.proc.poll() is None:
+            if self.poll() is None:
                 self.worker_pids()  # remember current children before they get orphaned
             self.kill_group()
             for p in self._seen.values():
@@ -248,11 +277,14 @@ class Supervisor:
     @property
     def returncode(self) -> int | None:
         """Exit status, or None while running (negative: killed by that signal)."""
-        return self._require().poll()
+        return self.poll()
 
     def poll(self) -> int | None:
-        """Same as ``returncode``."""
-        return self._require().poll()
+        """Same as ``returncode`` (the process is only reaped by ``close()``)."""
+        proc = self._require()
+        if proc.returncode is not None:
+            return proc.returncode
+        return _peek_exit(proc.pid)
 
     def is_running(self) -> bool:
         """True while the supervisor process has not exited."""
@@ -260,9 +292,8 @@ class Supervisor:
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the supervisor process only (not its workers)."""
-        proc = self._require()
-        if proc.poll() is None:
-            proc.send_signal(sig)
+        if self.poll() is None:
+            os.kill(self.pid, sig)
 
     def signal_group(self, sig: int) -> None:
         """Send ``sig`` to the whole process group (supervisor and workers)."""
@@ -273,10 +304,13 @@ class Supervisor:
 
         Raises AssertionError (including the log) if it is still running at the deadline.
         """
-        try:
-            return self._require().wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"supervisor still running after {timeout}s: {self!r}") from None
+        proc = self._require()
+        if proc.returncode is not None:
+            return proc.returncode
+        status = _peek_exit(proc.pid, timeout)
+        if status is None:
+            raise AssertionError(f"supervisor still running after {timeout}s: {self!r}")
+        return status
 
     def kill_group(self) -> None:
         """SIGKILL the whole process group (the supervisor and every worker still in it)."""
@@ -328,7 +362,7 @@ class Supervisor:
     def __repr__(self) -> str:
         state = "not started"
         if self.proc is not None:
-            rc = self.proc.poll()
+            rc = self.poll()
             state = f"pid={self.proc.pid} " + ("running" if rc is None else f"exited rc={rc}")
         out = self.output()
         if len(out) > 6000:

@@ -43,9 +43,7 @@ SERVER_SETTINGS = {
 DEFAULT_TIMEOUT = 60.0
 
 
-def _poll(
-    predicate: Callable[[], T], timeout: float, message: str, interval: float = 0.02
-) -> T:
+def _poll(predicate: Callable[[], T], timeout: float, message: str, interval: float = 0.02) -> T:
     """Call ``predicate`` until it returns something truthy; raise ``TimeoutError`` at deadline."""
     deadline = time.monotonic() + timeout
     while True:
@@ -83,9 +81,10 @@ class PgTestServer:
     # ------------------------------------------------------------------ construction
 
     @classmethod
-    def start(cls) -> PgTestServer:
-        """Use ``$DATABASE_URL`` if set, else start a private server in a fresh temp directory."""
-        url = os.environ.get("DATABASE_URL")
+    def start(cls, database_url: str | None = None) -> PgTestServer:
+        """Use ``database_url`` (default ``$DATABASE_URL``) if set, else start a private server
+        in a fresh temp directory."""
+        url = database_url or os.environ.get("DATABASE_URL")
         if url:
             server = cls(url)
             server._wait_connectable(DEFAULT_TIMEOUT)
@@ -187,6 +186,9 @@ class PgTestServer:
         if template is not None:
             stmt = sql.SQL("{} TEMPLATE {}").format(stmt, sql.Identifier(template))
         deadline = time.monotonic() + DEFAULT_TIMEOUT
+        if template is not None:
+            # PostgreSQL itself waits 5 s before failing on a busy template: don't let it.
+            self.terminate_backends(template)
         while True:
             try:
                 self._fetch(stmt)
