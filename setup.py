@@ -1,12 +1,14 @@
 """Packaging for underway: durable multi-step background jobs on PostgreSQL."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="underway",
     version="0.1.0",
     description="Durable multi-step background jobs on PostgreSQL for synchronous Python.",
-    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.rst").read_text(encoding="utf-8"),
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.9",
@@ -20,7 +22,7 @@ setup(
     extras_require={
         # An embedded PostgreSQL for the examples and the test suite; never needed at run time.
         "embedded": ["pgserver>=0.1.4"],
-        "test": ["pgserver>=0.1.4", "pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
+        "test": ["pgserver>=0.1.4", "psutil>=5", "pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

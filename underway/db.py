@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import select
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -104,6 +105,20 @@ def close_quietly(conn: psycopg2.extensions.connection | None) -> None:
             conn.close()
 
 
+def is_alive(conn: psycopg2.extensions.connection) -> bool:
+    """Whether an idle connection is still usable, without a round trip: a connection the
+    server closed (a restart, a terminated backend) reads as end-of-file."""
+    if conn.closed:
+        return False
+    try:
+        readable, _, _ = select.select([conn], [], [], 0)
+        if readable:
+            conn.poll()
+    except (psycopg2.Error, OSError, ValueError):
+        return False
+    return not conn.closed
+
+
 def check_schema(conn: psycopg2.extensions.connection) -> None:
     """Raise :class:`SchemaMissing` unless the database holds the schema this version needs."""
     try:
@@ -161,7 +176,7 @@ class ProcessConnection:
                 raise
 
     def _connection(self, dsn: str) -> psycopg2.extensions.connection:
-        if self._conn is not None and (self._conn.closed or self._dsn != dsn):
+        if self._conn is not None and (self._dsn != dsn or not is_alive(self._conn)):
             self.discard()
         if self._conn is None:
             self._conn = connect(dsn, application_name="underway enqueue")
