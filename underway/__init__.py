@@ -6,6 +6,7 @@ Enqueue runs of it with a plain call (in your own transaction if you like), and 
 """
 
 from .context import Context
+from .cron import ZonedSchedule
 from .db import configure
 from .errors import ConfigurationError, Fatal, SchemaMissing, UnderwayError
 from .job import Job, To
@@ -27,6 +28,7 @@ __all__ = [
     "TaskState",
     "To",
     "UnderwayError",
+    "ZonedSchedule",
     "__version__",
     "configure",
     "run_migrations",

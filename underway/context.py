@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
@@ -28,10 +29,9 @@ class Context:
         step: int,
         attempt: int,
         max_attempts: int,
-        begin_sql: str,
+        scheduled_at: datetime | None = None,
     ) -> None:
         self._conn = conn
-        self._begin_sql = begin_sql
         self.in_transaction = False
         #: The id of the task, the same for every step of this job run.
         self.task_id = task_id
@@ -43,13 +43,15 @@ class Context:
         self.attempt = attempt
         #: Tries this step gets in all.
         self.max_attempts = max_attempts
+        #: The tick this run serves, for a task enqueued by a schedule; else None.
+        self.scheduled_at = scheduled_at
 
     @property
     def connection(self) -> psycopg2.extensions.connection:
         """The worker's connection, inside the step's transaction."""
         if not self.in_transaction:
             with self._conn.cursor() as cur:
-                cur.execute(self._begin_sql)
+                cur.execute("BEGIN")
             self.in_transaction = True
         return self._conn
 

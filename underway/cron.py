@@ -19,9 +19,11 @@ DST rule (cron's traditional one):
   has one) each match exactly one value, e.g. ``30 2 * * *`` or ``@daily``. Every other
   schedule is an *interval* schedule, e.g. ``0 * * * *``, ``*/15 * * * *``, ``*/15 1 * * *``
   or ``30 2,14 * * *``.
-* Fixed-time, clock skipped (spring forward): a time inside the gap fires once, at the first
-  instant after the gap (02:30 on New York's spring-forward day fires at 03:00 EDT).
-* Fixed-time, clock repeated (fall back): the time fires once, at its first occurrence.
+* Fixed-time, clock skipped (spring forward): a time that does not exist that day fires
+  once, at the first instant after the gap (02:30 on New York's spring-forward day fires at
+  03:00 EDT; 02:15 on Lord Howe's, where clocks jump 02:00 -> 02:30, fires at 02:30).
+* Fixed-time, clock repeated (fall back): a time that occurs twice fires once, at its first
+  occurrence (``fold=0``), whatever the size of the shift (an hour, or Lord Howe's 30 min).
 * Interval schedules follow real elapsed time: they fire at every instant whose local clock
   reading matches, so a wall time inside a gap does not fire and one inside a repeated
   period fires on both passes. ``0 * * * *`` fires 23 or 25 times on the change days, one
@@ -34,6 +36,7 @@ and random fields (``H``, ``R``) are not, since they are not deterministic sched
 
 from __future__ import annotations
 
+import copy
 import re
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -56,7 +59,7 @@ _FIELDS_5 = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _FIELDS_6 = ("second", *_FIELDS_5)
 
 # "expression" or "expression[Zone/Name]", whitespace tolerated around every part.
-_TEXT_RE = re.compile(r"^\s*(?P<expr>[^\[\]]*?)\s*(?:\[\s*(?P<zone>[^\[\]]*?)\s*\])?\s*$")
+_TEXT_RE = re.compile(r"^\s*(?P<expr>[^\[\]]*?)\s*(?:\[\s*(?P<zone>[^\[\]]*?)\s*\])?\s*$", re.ASCII)
 # IANA names are slash-separated words; this rules out "..", absolute paths and file names.
 _ZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*$")
 # croniter's hashed/random values ("H", "H/15", "R(0-29)"), which we refuse.
@@ -77,14 +80,19 @@ class ZonedSchedule:
     Immutable and hashable; equal when the expression text and zone name are equal.
     """
 
-    __slots__ = ("_croniter_expr", "_expression", "_fixed_time", "_zone")
+    __slots__ = ("_cron", "_expression", "_fixed_time", "_zone")
 
     def __init__(self, expression: str, zone: str | ZoneInfo = "UTC") -> None:
         """Validate ``expression`` (no ``[zone]`` suffix) and ``zone``; raise ValueError if bad."""
         if not isinstance(expression, str):
             raise TypeError(f"cron expression must be a str, not {type(expression).__name__}")
-        self._zone = zone if isinstance(zone, ZoneInfo) else _load_zone(zone, expression)
-        self._expression, self._croniter_expr, self._fixed_time = _compile(expression)
+        if isinstance(zone, ZoneInfo):
+            if not zone.key:
+                raise ValueError("a ZoneInfo loaded from a file has no IANA name; pass its key")
+            self._zone = zone
+        else:
+            self._zone = _load_zone(zone, expression)
+        self._expression, self._cron, self._fixed_time = _compile(expression)
 
     @classmethod
     def parse(cls, text: str) -> ZonedSchedule:
@@ -134,7 +142,12 @@ class ZonedSchedule:
         return hash((self._expression, self.zone_name))
 
     def next_after(self, after: datetime) -> datetime:
-        """The first fire time strictly after ``after`` (aware), in the schedule's zone."""
+        """The first fire time strictly after ``after`` (aware), in the schedule's zone.
+
+        A result on the second pass of a repeated hour has ``fold=1``. Python's ``==`` between
+        such a datetime and one in another zone is always False (PEP 495), so compare instants
+        in UTC (``.astimezone(timezone.utc)``) or with ``<``/``>``, which are unaffected.
+        """
         instant = _as_utc(after, "next_after")
         local = instant.astimezone(self._zone)
         # Candidate wall times are visited in increasing order. Their earliest instants never
@@ -142,7 +155,7 @@ class ZonedSchedule:
         # lies on the first pass through a repeated hour, wall times up to one fold *earlier*
         # than ``after``'s own reading still have their second pass ahead, so start that far back.
         start = local.replace(tzinfo=None) - _fold_size(local, second_pass=False)
-        cron = croniter(self._croniter_expr, start - _SECOND)
+        cron = self._walls_from(start - _SECOND)
         best: datetime | None = None
         try:
             for _ in range(_MAX_CANDIDATES):
@@ -153,7 +166,9 @@ class ZonedSchedule:
                 for fire in instants:
                     if fire > instant and (best is None or fire < best):
                         best = fire
-        except (CroniterBadDateError, OverflowError) as exc:
+        except (ValueError, OverflowError) as exc:
+            # croniter found nothing within its search window (CroniterBadDateError is a
+            # ValueError), or the search ran off the end of datetime's range.
             if best is not None:
                 return best.astimezone(self._zone)
             raise ValueError(f"{self} has no fire time after {after.isoformat()}") from exc
@@ -169,7 +184,7 @@ class ZonedSchedule:
         end = local.replace(tzinfo=None, microsecond=0)
         end += _fold_size(local, second_pass=True)
         # croniter's get_prev is strictly before its start; walls are whole seconds.
-        cron = croniter(self._croniter_expr, end + _SECOND)
+        cron = self._walls_from(end + _SECOND)
         best: datetime | None = None
         try:
             for _ in range(_MAX_CANDIDATES):
@@ -182,8 +197,8 @@ class ZonedSchedule:
                         best = fire
             else:
                 raise RuntimeError(f"{self}: gave up looking for a fire time before {at}")
-        except (CroniterBadDateError, OverflowError):
-            # Nothing earlier within croniter's search window (or before year 1).
+        except (ValueError, OverflowError):
+            # Nothing earlier within croniter's search window, or before year 1.
             pass
         return None if best is None else best.astimezone(self._zone)
 
@@ -198,6 +213,16 @@ class ZonedSchedule:
                 return fires
             fires.append(fire)
             current = fire
+
+    def _walls_from(self, start: datetime) -> croniter:
+        """A private croniter positioned at the naive wall time ``start``.
+
+        Copying the parsed prototype skips re-parsing the expression on every call, and gives
+        each call its own iterator state, so one schedule can be used from many threads.
+        """
+        cron = copy.copy(self._cron)
+        cron.set_current(start, force=True)
+        return cron
 
     def _instants(self, wall: datetime) -> tuple[list[datetime], datetime, datetime]:
         """Map a matching naive wall time to its fire instants (UTC), per the DST rule.
@@ -263,13 +288,14 @@ def _load_zone(name: str, context: str) -> ZoneInfo:
         raise ValueError(f"unknown time zone {name!r} in {context!r}") from exc
 
 
-def _compile(expression: str) -> tuple[str, str, bool]:
-    """Validate a cron expression; return (display text, croniter expression, fixed-time)."""
+def _compile(expression: str) -> tuple[str, croniter, bool]:
+    """Validate a cron expression; return (display text, croniter prototype, fixed-time)."""
+    if not expression.isascii():
+        # Also keeps str.split() below from splitting on exotic (e.g. no-break) spaces.
+        raise ValueError(f"bad cron expression {expression!r}: only ASCII is allowed")
     text = " ".join(expression.split())
     if not text:
         raise ValueError("empty cron expression")
-    if not text.isascii():
-        raise ValueError(f"bad cron expression {text!r}: only ASCII characters are allowed")
     if text.startswith("@"):
         alias = text.lower()
         if alias not in _ALIASES:
@@ -284,22 +310,22 @@ def _compile(expression: str) -> tuple[str, str, bool]:
             f" day-of-week) or 6 with a leading seconds field, got {len(fields)}"
         )
     names = _FIELDS_5 if len(fields) == 5 else _FIELDS_6
-    fields = [_normalize_field(text, name, field) for name, field in zip(names, fields)]
-    # croniter's own 6-field form puts seconds LAST; ours (the Rust underway's) puts them first.
-    croniter_fields = fields[1:] + fields[:1] if len(fields) == 6 else fields
-    croniter_expr = " ".join(croniter_fields)
+    normalized = [_normalize_field(text, name, field) for name, field in zip(names, fields)]
+    croniter_expr = " ".join(_croniter_order(normalized))
     try:
         expanded, _nth = croniter.expand(croniter_expr)
     except ValueError as exc:
-        raise ValueError(_describe_error(text, names, fields, exc)) from exc
+        raise ValueError(_describe_error(text, names, fields, normalized, exc)) from exc
+    # Naive start: croniter then matches plain wall-clock times and never applies a zone.
+    prototype = croniter(croniter_expr, datetime(2000, 1, 1))
     try:
-        croniter(croniter_expr, datetime(2000, 1, 1)).get_next(datetime)
+        copy.copy(prototype).get_next(datetime)
     except CroniterBadDateError as exc:
         raise ValueError(f"bad cron expression {text!r}: it never fires") from exc
     # expanded is in croniter order: minute, hour, dom, month, dow[, second].
     time_fields = [expanded[0], expanded[1], *expanded[5:]]
     fixed_time = all(len(values) == 1 and values[0] != "*" for values in time_fields)
-    return text, croniter_expr, fixed_time
+    return text, prototype, fixed_time
 
 
 def _normalize_field(text: str, name: str, field: str) -> str:
@@ -328,15 +354,20 @@ def _same_value(low: str, high: str) -> bool:
     return low.lower() == high.lower()
 
 
-def _describe_error(text: str, names: tuple[str, ...], fields: list[str], exc: Exception) -> str:
+def _croniter_order(fields: list[str]) -> list[str]:
+    """croniter's 6-field form puts seconds LAST; ours (the Rust underway's) puts them first."""
+    return fields[1:] + fields[:1] if len(fields) == 6 else fields
+
+
+def _describe_error(
+    text: str, names: tuple[str, ...], fields: list[str], normalized: list[str], exc: Exception
+) -> str:
     """Name the first field croniter rejects on its own, else repeat croniter's reason."""
     for index, name in enumerate(names):
         probe = ["*"] * len(fields)
-        probe[index] = fields[index]
-        if len(probe) == 6:
-            probe = probe[1:] + probe[:1]
+        probe[index] = normalized[index]
         try:
-            croniter.expand(" ".join(probe))
+            croniter.expand(" ".join(_croniter_order(probe)))
         except ValueError:
             return f"bad cron expression {text!r}: invalid {name} field {fields[index]!r}"
     lines = [line for line in str(exc).splitlines() if line.strip()]

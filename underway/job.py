@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Union, overload
 
+from .cron import ZonedSchedule
 from .db import default_cursor, translate_missing_schema
 from .errors import ConfigurationError
 from .queries import QUERIES
@@ -180,11 +181,61 @@ class Job:
             ids = sorted(row[0] for row in cur.fetchall())
         return [Task(task_id, self.name) for task_id in ids]
 
-    def _task_params(self, delay: Delay, priority: int | None) -> dict[str, Any]:
+    def schedule(
+        self,
+        expression: str,
+        input: Any = None,
+        *,
+        name: str = "default",
+        catch_up: bool = True,
+        conn: Any = None,
+    ) -> ZonedSchedule:
+        """Run this job on a cron schedule, with ``input`` for every run; stores the schedule
+        in the database, or replaces the one of the same ``name``.
+
+        ``expression`` is a 5-field cron expression (or 6 fields with leading seconds, or
+        ``@daily`` and friends), optionally followed by an IANA time zone in brackets::
+
+            report.schedule("@daily[America/Los_Angeles]", {"kind": "sales"})
+            report.schedule("*/15 8-18 * * MON-FRI[Europe/Berlin]", name="office-hours")
+
+        Scheduler processes (one runs beside each supervisor) pick the change up at once.
+        Each tick is enqueued exactly once however many run; the task sees its tick as
+        ``cx.scheduled_at``. After an outage, the most recent missed tick is enqueued once
+        (``catch_up=True``) or skipped (``catch_up=False``); ticks from before the schedule
+        was stored never fire.
+
+        :raises ValueError: for a malformed expression or an unknown time zone; nothing is
+            stored then.
+        """
+        parsed = ZonedSchedule.parse(expression)
+        self._check_steps()
+        params = {
+            "job": self.name,
+            "name": name,
+            "expression": str(parsed),
+            "input": self._to_json(input),
+            "catch_up": bool(catch_up),
+        }
+        with _cursor(conn) as cur:
+            _execute(cur, QUERIES["store_schedule"], params)
+        return parsed
+
+    def unschedule(self, name: str = "default", *, conn: Any = None) -> bool:
+        """Remove the schedule called ``name``; returns whether there was one. Tasks it
+        already enqueued are not touched."""
+        with _cursor(conn) as cur:
+            _execute(cur, QUERIES["remove_schedule"], {"job": self.name, "name": name})
+            return bool(cur.rowcount)
+
+    def _check_steps(self) -> None:
         if not self.steps:
             raise ConfigurationError(
                 f"job {self.name!r} has no steps: add one with @{self.name}.step"
             )
+
+    def _task_params(self, delay: Delay, priority: int | None) -> dict[str, Any]:
+        self._check_steps()
         chosen = self.priority if priority is None else priority
         if isinstance(chosen, bool) or not isinstance(chosen, int):
             raise TypeError(f"job {self.name!r}: priority must be an integer, not {chosen!r}")

@@ -19,7 +19,7 @@ RETURNING id;
 
 -- name: claim_task
 -- Claim the next ready task of the given jobs (see underway.claim_task in the schema).
-SELECT id, job, step, input, attempts, max_attempts
+SELECT id, job, step, input, attempts, max_attempts, scheduled_at
 FROM underway.claim_task(%(jobs)s, %(token)s, %(lease)s);
 
 -- name: seconds_until_due
@@ -152,3 +152,38 @@ WHERE state = 'pending' AND run_at <= now() AND job = ANY (%(jobs)s);
 -- name: schema_version
 -- The newest migration applied; fails with undefined_table when there is no schema.
 SELECT max(version) FROM underway.migration;
+
+-- name: store_schedule
+-- Store a job's schedule, or replace it; a replaced schedule starts afresh from now.
+INSERT INTO underway.schedule (job, name, expression, input, catch_up)
+VALUES (%(job)s, %(name)s, %(expression)s, %(input)s::jsonb, %(catch_up)s)
+ON CONFLICT (job, name) DO UPDATE
+SET expression = excluded.expression, input = excluded.input,
+    catch_up = excluded.catch_up, updated_at = now();
+
+-- name: remove_schedule
+-- Remove a job's schedule; ticks it already fired stay recorded.
+DELETE FROM underway.schedule WHERE job = %(job)s AND name = %(name)s;
+
+-- name: load_schedules
+-- The schedules of these jobs, each with the instant after which its next tick counts
+-- (the later of its last change and its last fired tick), and the database's clock.
+SELECT s.job, s.name, s.expression, s.catch_up,
+       greatest(s.updated_at, last.fire_at), now()
+FROM underway.schedule AS s
+LEFT JOIN LATERAL (
+    SELECT max(fire_at) AS fire_at FROM underway.schedule_tick AS t
+    WHERE t.job = s.job AND t.name = s.name
+) AS last ON true
+WHERE s.job = ANY (%(jobs)s)
+ORDER BY s.job, s.name;
+
+-- name: fire_tick
+-- Enqueue one tick of a schedule exactly once (see underway.fire_tick in the schema).
+SELECT underway.fire_tick(%(job)s, %(name)s, %(fire_at)s, %(priority)s, %(max_attempts)s);
+
+-- name: skip_tick
+-- Record a missed tick as passed over (no task), so it is neither fired nor reported again.
+INSERT INTO underway.schedule_tick (job, name, fire_at)
+VALUES (%(job)s, %(name)s, %(fire_at)s)
+ON CONFLICT DO NOTHING;

@@ -4,8 +4,9 @@ Run it from a shell::
 
     python -m underway.supervisor myapp.jobs --workers 4
 
-It imports the modules named (which define jobs), forks the workers, and then only
-watches: it replaces a worker that died, gives back the task a dead worker held (it reads
+It imports the modules named (which define jobs), forks the workers and one scheduler
+process (which enqueues the ticks of cron schedules, see :mod:`underway.scheduler`), and
+then only watches: it replaces a worker that died, gives back the task a dead worker held (it reads
 it from shared memory, see :mod:`underway.slots`), renews the leases of the tasks its
 workers hold, and releases tasks whose lease lapsed on any host.
 
@@ -23,7 +24,8 @@ A step cut off by a stop (graceful after the grace period, or hard) goes back to
 queue at once and its try is not counted. A worker that dies on its own (a crash,
 SIGKILL, the OOM killer) has used up its try; its task is released for another at once.
 
-The supervisor holds one connection of its own; each worker holds one.
+The supervisor holds one connection of its own, and so does each worker and the
+scheduler: N workers use N + 2 connections in all.
 """
 
 from __future__ import annotations
@@ -48,8 +50,10 @@ from .db import check_schema, close_quietly, connect, redact_dsn, resolve_dsn
 from .errors import UnderwayError
 from .job import Job, registered_jobs
 from .queries import QUERIES
+from .scheduler import Scheduler
+from .service import CONNECTION_ERRORS, Service
 from .slots import Slots
-from .worker import CONNECTION_ERRORS, Worker
+from .worker import Worker
 
 log = logging.getLogger("underway.supervisor")
 
@@ -59,13 +63,24 @@ QUICK_DEATH = 5.0
 """A worker that dies sooner than this after starting is restarted with growing backoff."""
 
 
+SCHEDULER = -1
+"""The slot of the scheduler process; workers have slots 0 to N - 1."""
+
+
 @dataclass
 class Process:
-    """A worker process the supervisor started, by slot."""
+    """A child process the supervisor started: a worker (slot >= 0) or the scheduler."""
 
     slot: int
     pid: int
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def name(self) -> str:
+        """How logs call it: 'scheduler 123' or 'worker 456 (slot 0)'."""
+        if self.slot == SCHEDULER:
+            return f"scheduler {self.pid}"
+        return f"worker {self.pid} (slot {self.slot})"
 
 
 @dataclass
@@ -77,6 +92,7 @@ class SupervisorOptions:
     burst: bool = False
     poll_interval: float = 1.0
     lease: float = 30.0
+    scheduler: bool = True
 
 
 class Supervisor:
@@ -115,6 +131,8 @@ class Supervisor:
         )
         for slot in range(self.options.workers):
             self.spawn(slot)
+        if self.options.scheduler and not self.options.burst:
+            self.spawn(SCHEDULER)
         while True:
             self.wait_for_event()
             self.reap()
@@ -196,7 +214,7 @@ class Supervisor:
     # -- workers ----------------------------------------------------------------
 
     def spawn(self, slot: int) -> None:
-        """Fork a worker process for ``slot``.
+        """Fork the worker process for ``slot``, or the scheduler.
 
         Signals are held back across the fork, so that the child never runs the
         supervisor's handlers and a stop signal never misses the newborn worker.
@@ -206,13 +224,13 @@ class Supervisor:
         try:
             pid = os.fork()
             if pid == 0:
-                os._exit(self._worker_main(slot))
+                os._exit(self._child_main(slot))
             self.processes[pid] = Process(slot, pid)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
-    def _worker_main(self, slot: int) -> int:
-        """Body of a forked worker process; returns its exit status."""
+    def _child_main(self, slot: int) -> int:
+        """Body of a forked worker or scheduler process; returns its exit status."""
         status = 0
         try:
             # The parent's connection and wake-up pipe are not ours: leave them be.
@@ -224,32 +242,40 @@ class Supervisor:
             os.set_blocking(wake_r, False)
             os.set_blocking(wake_w, False)
             signal.set_wakeup_fd(wake_w)
-            worker = Worker(
-                self.dsn,
-                self.jobs,
-                poll_interval=self.options.poll_interval,
-                lease=self.options.lease,
-                burst=self.options.burst,
-                slots=self.slots,
-                slot=slot,
-                wakeup_fd=wake_r,
-            )
+            service = self._service(slot, wake_r)
             # Ctrl-C reaches the whole process group: only the supervisor decides.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
             signal.signal(signal.SIGQUIT, signal.SIG_DFL)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+            signal.signal(signal.SIGTERM, lambda *_: service.stop())
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
-            worker.run()
+            service.run()
         except BaseException:
-            logging.getLogger("underway.worker").critical(
-                "worker crashed:\n%s", traceback.format_exc()
+            log.critical(
+                "%s crashed:\n%s",
+                "scheduler" if slot == SCHEDULER else "worker",
+                traceback.format_exc(),
             )
             status = 1
         finally:
             logging.shutdown()
         return status
+
+    def _service(self, slot: int, wakeup_fd: int) -> Service:
+        """The worker for ``slot``, or the scheduler."""
+        if slot == SCHEDULER:
+            return Scheduler(self.dsn, self.jobs, wakeup_fd=wakeup_fd)
+        return Worker(
+            self.dsn,
+            self.jobs,
+            poll_interval=self.options.poll_interval,
+            lease=self.options.lease,
+            burst=self.options.burst,
+            slots=self.slots,
+            slot=slot,
+            wakeup_fd=wakeup_fd,
+        )
 
     def reap(self) -> None:
         """Collect every worker that exited, give back its task, and plan its restart."""
@@ -270,8 +296,9 @@ class Supervisor:
         ours = process.pid in self.killed_by_us
         self.killed_by_us.discard(process.pid)
         how = describe_exit(status)
-        token, task_id = self.slots.read(slot)
-        self.slots.clear(slot)
+        token, task_id = (0, 0) if slot == SCHEDULER else self.slots.read(slot)
+        if slot != SCHEDULER:
+            self.slots.clear(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if token:
             counts = not ours
@@ -281,12 +308,11 @@ class Supervisor:
             self.unreleased.append((token, counts, reason))
             self.release_unreleased()
         if clean or ours:
-            log.info("worker %s (slot %d) %s", process.pid, slot, how)
+            log.info("%s %s", process.name, how)
         else:
             log.error(
-                "worker %s (slot %d) %s%s",
-                process.pid,
-                slot,
+                "%s %s%s",
+                process.name,
                 how,
                 f" holding task {task_id}" if task_id else "",
             )
@@ -300,7 +326,7 @@ class Supervisor:
             self.crashes[slot] = 0
         delay = 0.0 if not self.crashes[slot] else min(0.1 * 2 ** self.crashes[slot], 30.0)
         if delay:
-            log.warning("restarting worker slot %d in %.1fs", slot, delay)
+            log.warning("restarting %s in %.1fs", process.name, delay)
         self.restart_at[slot] = time.monotonic() + delay
 
     def respawn_due(self) -> None:
@@ -442,6 +468,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds before a task whose supervisor stopped renewing it is reclaimed "
         "(default: 30)",
     )
+    parser.add_argument(
+        "--no-scheduler",
+        dest="scheduler",
+        action="store_false",
+        help="do not run the scheduler process that enqueues cron schedules' ticks",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -479,6 +511,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             burst=args.burst,
             poll_interval=args.poll_interval,
             lease=args.lease,
+            scheduler=args.scheduler,
         )
     except (UnderwayError, psycopg2.OperationalError) as exc:
         print(f"underway: {exc}".strip(), file=sys.stderr)
@@ -494,6 +527,7 @@ def run_workers(
     burst: bool = False,
     poll_interval: float = 1.0,
     lease: float = 30.0,
+    scheduler: bool = True,
 ) -> int:
     """Supervise worker processes from this process, as ``python -m underway.supervisor``
     does; blocks until stopped and returns the exit status.
@@ -503,10 +537,17 @@ def run_workers(
         underway.run_workers(workers=2, burst=True)   # work until nothing is ready
 
     :param jobs: the jobs to run, by name (default: every job defined so far).
+    :param scheduler: also run the scheduler process for the jobs' cron schedules
+        (never in burst mode).
     :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
     """
     options = SupervisorOptions(
-        workers=workers, grace=grace, burst=burst, poll_interval=poll_interval, lease=lease
+        workers=workers,
+        grace=grace,
+        burst=burst,
+        poll_interval=poll_interval,
+        lease=lease,
+        scheduler=scheduler,
     )
     chosen = registered_jobs() if jobs is None else dict(jobs)
     return Supervisor(resolve_dsn(dsn), chosen, options).run()

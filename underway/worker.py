@@ -18,30 +18,26 @@ than the poll interval or the time until the next delayed task is due.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import random
-import select
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
 from .context import Context
-from .db import check_schema, close_quietly, connect
 from .errors import Fatal
 from .job import Job, Step, To, to_json
 from .queries import QUERIES
+from .service import CONNECTION_ERRORS, Service
 from .slots import Slots
 
 log = logging.getLogger("underway.worker")
-
-CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -54,10 +50,11 @@ class Claim:
     input: Any
     attempt: int
     max_attempts: int
+    scheduled_at: datetime | None
     token: int
 
 
-class Worker:
+class Worker(Service):
     """Runs tasks of the given jobs, one per transaction, until asked to stop.
 
     Normally started by the supervisor (``python -m underway.supervisor``), one per
@@ -68,12 +65,16 @@ class Worker:
     :param poll_interval: the longest an idle worker waits before looking again, in case a
         notification was missed.
     :param lease: seconds a claim stays valid unless the supervisor renews it.
-    :param burst: return from :meth:`run` as soon as no task is ready.
+    :param burst: stop as soon as no task is ready.
     :param slots: shared memory to post held tasks to the supervisor, and this
         worker's ``slot`` index in it.
     :param wakeup_fd: a file descriptor that becomes readable when a signal arrives, so an
         idle wait ends at once.
     """
+
+    role = "worker"
+    channel = "underway"
+    log = log
 
     def __init__(
         self,
@@ -87,7 +88,7 @@ class Worker:
         slot: int = 0,
         wakeup_fd: int | None = None,
     ) -> None:
-        self.dsn = dsn
+        super().__init__(dsn, wakeup_fd=wakeup_fd)
         self.jobs = dict(jobs)
         self.job_names = sorted(self.jobs)
         self.poll_interval = poll_interval
@@ -95,44 +96,18 @@ class Worker:
         self.burst = burst
         self.slots = slots or Slots(1)
         self.slot = slot if slots else 0
-        self.wakeup_fd = wakeup_fd
-        self.stopping = False
-        self.conn: psycopg2.extensions.connection | None = None
-        self._parent = os.getppid()
         # A claim (token, reason, whether the try counts) held when the connection broke,
         # to give back once reconnected.
         self._orphan: tuple[int, str, bool] | None = None
 
-    def stop(self) -> None:
-        """Ask the worker to stop after the step it is running; safe in a signal handler."""
-        self.stopping = True
-
-    def run(self) -> None:
-        """Work until :meth:`stop` is called (or, in burst mode, until nothing is ready).
-
-        A lost connection is not fatal: the worker reconnects with backoff, listens again
-        and gives back any task it held, then carries on.
-        """
-        failures = 0
-        while not self.stopping:
-            try:
-                self.connect()
-                failures = 0
-                if self.run_once():
-                    continue
-                if self.burst:
-                    break
-                self.wait()
-            except CONNECTION_ERRORS as exc:
-                self.disconnect()
-                failures += 1
-                pause = min(0.05 * 2**failures, 5.0)
-                log.warning("database connection lost (%s); retrying in %.2fs", exc, pause)
-                self.sleep(pause)
-            if self._parent != os.getppid():
-                log.warning("supervisor is gone; worker stopping")
-                self.stop()
-        self.disconnect()
+    def turn(self) -> None:
+        """Run one ready task; with none ready, wait for one (or stop, in burst mode)."""
+        if self.run_once():
+            return
+        if self.burst:
+            self.stop()
+        else:
+            self.wait()
 
     def run_once(self) -> bool:
         """Claim and run one ready task; False when none was ready."""
@@ -145,23 +120,10 @@ class Worker:
             self.slots.clear(self.slot)
         return True
 
-    # -- connection --------------------------------------------------------------
-
-    def connect(self) -> psycopg2.extensions.connection:
-        """Open the worker's one connection if it is not open, and LISTEN on it."""
-        if self.conn is None or self.conn.closed:
-            self.conn = connect(self.dsn, application_name=f"underway worker {os.getpid()}")
-            check_schema(self.conn)
-            with self.conn.cursor() as cur:
-                cur.execute("LISTEN underway")
-            if self._orphan is not None:
-                self.give_back_orphan()
-        return self.conn
-
-    def disconnect(self) -> None:
-        """Close the connection, if open; errors closing a dead one do not matter."""
-        close_quietly(self.conn)
-        self.conn = None
+    def on_connect(self) -> None:
+        """After a reconnect, give back the task held when the connection broke."""
+        if self._orphan is not None:
+            self.give_back_orphan()
 
     # -- claiming and waiting -----------------------------------------------------
 
@@ -189,32 +151,13 @@ class Worker:
 
     def wait(self) -> None:
         """Sleep until notified, until the next delayed task is due, or the poll interval."""
-        conn = self.connect()
-        with conn.cursor() as cur:
+        with self.connect().cursor() as cur:
             cur.execute(QUERIES["seconds_until_due"], {"jobs": self.job_names})
             row = cur.fetchone()
         timeout = self.poll_interval
         if row is not None:
             timeout = min(timeout, max(row[0], 0.005))
-        if conn.notifies:
-            conn.notifies.clear()
-            return
-        self._select([conn], timeout)
-        conn.poll()
-        conn.notifies.clear()
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep, but wake at once for a signal."""
-        self._select([], seconds)
-
-    def _select(self, conns: list[Any], timeout: float) -> None:
-        fds = list(conns)
-        if self.wakeup_fd is not None:
-            fds.append(self.wakeup_fd)
-        readable, _, _ = select.select(fds, [], [], timeout)
-        if self.wakeup_fd in readable:
-            with contextlib.suppress(BlockingIOError):
-                os.read(self.wakeup_fd, 512)
+        self.wait_for_notification(timeout)
 
     # -- running a step -----------------------------------------------------------
 
@@ -229,7 +172,7 @@ class Worker:
             step=claim.step,
             attempt=claim.attempt,
             max_attempts=claim.max_attempts,
-            begin_sql="BEGIN",
+            scheduled_at=claim.scheduled_at,
         )
         step = job.steps[claim.step] if claim.step < len(job.steps) else None
         started = time.perf_counter()
@@ -241,13 +184,13 @@ class Worker:
                     "were steps removed while tasks were queued?"
                 )
             outcome = self._outcome(job, step, step.function(cx, claim.input))
-            self._finish(cx, claim, outcome)
+            self._finish(conn, cx, claim, outcome)
         except Exception as exc:
             if conn.closed:
                 # The session is gone, and the step's transaction with it.
                 self._orphan = (claim.token, f"connection lost during step: {exc}", True)
                 raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
-            self._fail(cx, claim, step, exc, time.perf_counter() - started)
+            self._fail(conn, cx, claim, step, exc, time.perf_counter() - started)
             return
         self._log(
             "succeeded" if outcome.kind == "done" else "advanced",
@@ -272,7 +215,9 @@ class Worker:
             )
         return result
 
-    def _finish(self, cx: Context, claim: Claim, outcome: To) -> None:
+    def _finish(
+        self, conn: psycopg2.extensions.connection, cx: Context, claim: Claim, outcome: To
+    ) -> None:
         """Record the outcome in the step's transaction (if it opened one) and commit."""
         fence = {"id": claim.id, "token": claim.token}
         if outcome.kind == "done":
@@ -286,7 +231,7 @@ class Worker:
                 "max_attempts": following.retry.max_attempts,
             }
             sql = QUERIES["advance_task"]
-        with cx._conn.cursor() as cur:
+        with conn.cursor() as cur:
             cur.execute(sql, params)
             fenced_out = cur.rowcount != 1
             if cx.in_transaction:
@@ -304,6 +249,7 @@ class Worker:
 
     def _fail(
         self,
+        conn: psycopg2.extensions.connection,
         cx: Context,
         claim: Claim,
         step: Step | None,
@@ -317,7 +263,7 @@ class Worker:
         )
         delay = policy.delay(claim.attempt) if retry and policy else 0.0
         error = f"{type(exc).__name__}: {exc}"
-        with cx._conn.cursor() as cur:
+        with conn.cursor() as cur:
             if cx.in_transaction:
                 cur.execute("ROLLBACK")
             cur.execute(

@@ -1,4 +1,4 @@
--- underway 0001: tasks, their attempts, and the wake-up notification.
+-- underway 0001: tasks, their attempts, the wake-up notification, and cron schedules.
 
 CREATE TYPE underway.task_state AS ENUM ('pending', 'running', 'succeeded', 'failed', 'cancelled');
 
@@ -22,6 +22,8 @@ CREATE TABLE underway.task (
     claim_token bigint,
     lease_expires_at timestamptz,
     error text,
+    -- The fire time of a task enqueued by a schedule (NULL for other tasks).
+    scheduled_at timestamptz,
     created_at timestamptz NOT NULL DEFAULT now(),
     started_at timestamptz,
     finished_at timestamptz
@@ -92,5 +94,77 @@ BEGIN
     ) AS ready
     WHERE t.id = ready.id
     RETURNING t.*;
+END;
+$$;
+
+-- A job's schedules, by name. Stored or replaced by job.schedule(...); schedulers
+-- reload them when notified, so changes apply without a restart.
+CREATE TABLE underway.schedule (
+    job text NOT NULL,
+    name text NOT NULL DEFAULT 'default',
+    expression text NOT NULL,
+    input jsonb NOT NULL,
+    -- After an outage: fire the most recent missed tick once (true), or skip to the next.
+    catch_up boolean NOT NULL DEFAULT true,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    -- Ticks at or before this instant never fire: a schedule has no past.
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, name)
+);
+
+-- One row per tick handled: fired (with its task) or passed over after an outage
+-- (task_id NULL). The primary key, not a lock, is what makes a tick fire once however
+-- many schedulers run, on however many hosts, across restarts.
+CREATE TABLE underway.schedule_tick (
+    job text NOT NULL,
+    name text NOT NULL,
+    fire_at timestamptz NOT NULL,
+    -- No foreign key: the task may be deleted by retention while the tick stays.
+    task_id bigint,
+    handled_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (job, name, fire_at)
+);
+
+-- Tell running schedulers to reload when a schedule is stored, replaced or removed.
+CREATE FUNCTION underway.notify_schedule_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_notify('underway_schedule', '');
+    RETURN NULL;
+END;
+$$;
+
+CREATE TRIGGER schedule_changed AFTER INSERT OR UPDATE OR DELETE ON underway.schedule
+    FOR EACH STATEMENT EXECUTE FUNCTION underway.notify_schedule_changed();
+
+-- Fire one tick of a schedule: record it, then enqueue the schedule's stored input.
+-- Returns the new task's id, or NULL when the tick was fired already (by any
+-- scheduler), the schedule is gone, or the tick is older than the schedule itself.
+CREATE FUNCTION underway.fire_tick(
+    p_job text, p_name text, p_fire_at timestamptz, p_priority integer, p_max_attempts integer
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    INSERT INTO underway.schedule_tick (job, name, fire_at)
+    VALUES (p_job, p_name, p_fire_at)
+    ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO underway.task (job, input, priority, max_attempts, scheduled_at)
+    SELECT job, input, p_priority, p_max_attempts, p_fire_at
+    FROM underway.schedule
+    WHERE job = p_job AND name = p_name AND updated_at < p_fire_at
+    RETURNING id INTO new_id;
+    IF new_id IS NULL THEN
+        DELETE FROM underway.schedule_tick
+        WHERE job = p_job AND name = p_name AND fire_at = p_fire_at;
+        RETURN NULL;
+    END IF;
+    UPDATE underway.schedule_tick SET task_id = new_id
+    WHERE job = p_job AND name = p_name AND fire_at = p_fire_at;
+    RETURN new_id;
 END;
 $$;

@@ -1,0 +1,111 @@
+"""What workers and schedulers share: a loop around one connection that survives losing it.
+
+A service opens its one connection lazily, LISTENs on its channel, and runs ``turn()``
+over and over until asked to stop. A lost connection is never fatal: it is closed, the
+service waits with growing backoff (interruptible by a signal) and reconnects. A service
+whose supervisor died stops after its current turn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+from .db import check_schema, close_quietly, connect
+
+CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+
+
+class Service:
+    """Base of :class:`~underway.worker.Worker` and :class:`~underway.scheduler.Scheduler`.
+
+    :param dsn: the database.
+    :param wakeup_fd: a file descriptor that becomes readable when a signal arrives, so a
+        wait ends at once.
+    """
+
+    #: Names the connection (``application_name``) and the process in logs.
+    role = "service"
+    #: The LISTEN channel that wakes this service.
+    channel = "underway"
+    log = logging.getLogger("underway")
+
+    def __init__(self, dsn: str, *, wakeup_fd: int | None = None) -> None:
+        self.dsn = dsn
+        self.wakeup_fd = wakeup_fd
+        self.stopping = False
+        self.conn: psycopg2.extensions.connection | None = None
+        self._parent = os.getppid()
+
+    def stop(self) -> None:
+        """Ask the service to stop after its current turn; safe in a signal handler."""
+        self.stopping = True
+
+    def run(self) -> None:
+        """Take turns until :meth:`stop` is called, reconnecting when the database goes."""
+        failures = 0
+        while not self.stopping:
+            try:
+                self.connect()
+                self.turn()
+                failures = 0
+            except CONNECTION_ERRORS as exc:
+                self.disconnect()
+                failures += 1
+                pause = min(0.05 * 2**failures, 5.0)
+                self.log.warning("database connection lost (%s); retrying in %.2fs", exc, pause)
+                self.sleep(pause)
+            if self._parent != os.getppid():
+                self.log.warning("supervisor is gone; %s stopping", self.role)
+                self.stop()
+        self.disconnect()
+
+    def turn(self) -> None:
+        """One round of work, including any waiting; subclasses define it."""
+        raise NotImplementedError
+
+    def connect(self) -> psycopg2.extensions.connection:
+        """Open the service's one connection if it is not open, and LISTEN on it."""
+        if self.conn is None or self.conn.closed:
+            self.conn = connect(self.dsn, application_name=f"underway {self.role} {os.getpid()}")
+            check_schema(self.conn)
+            with self.conn.cursor() as cur:
+                cur.execute(f"LISTEN {self.channel}")
+            self.on_connect()
+        return self.conn
+
+    def on_connect(self) -> None:
+        """Called after each (re)connection; subclasses may catch up on what they missed."""
+
+    def disconnect(self) -> None:
+        """Close the connection, if open; errors closing a dead one do not matter."""
+        close_quietly(self.conn)
+        self.conn = None
+
+    def wait_for_notification(self, timeout: float) -> None:
+        """Sleep until a notification on the channel, a signal, or ``timeout`` seconds."""
+        conn = self.connect()
+        if not conn.notifies:
+            self.wait_readable([conn], timeout)
+            conn.poll()
+        conn.notifies.clear()
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but wake at once for a signal."""
+        self.wait_readable([], seconds)
+
+    def wait_readable(self, conns: list[Any], timeout: float) -> None:
+        """Wait until a connection or the wake-up descriptor is readable, or the timeout."""
+        fds = list(conns)
+        if self.wakeup_fd is not None:
+            fds.append(self.wakeup_fd)
+        readable, _, _ = select.select(fds, [], [], timeout)
+        if self.wakeup_fd is not None and self.wakeup_fd in readable:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self.wakeup_fd, 512)
