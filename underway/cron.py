@@ -27,7 +27,9 @@ DST rule (cron's traditional one):
 * Interval schedules follow real elapsed time: they fire at every instant whose local clock
   reading matches, so a wall time inside a gap does not fire and one inside a repeated
   period fires on both passes. ``0 * * * *`` fires 23 or 25 times on the change days, one
-  real hour apart; ``*/15 * * * *`` 92 or 100 times, 15 real minutes apart.
+  real hour apart; ``*/15 * * * *`` 92 or 100 times, 15 real minutes apart. Note that this
+  covers hour lists too: in New York ``30 1,13 * * *`` runs at both 01:30s on the fall-back
+  day, and ``30 2,14 * * *`` has no 02:30 run on the spring-forward day.
 
 Day-of-month and day-of-week combine as in standard cron: when both are restricted, a day
 matching either one matches. croniter's ``L``, ``W``, ``#`` and ``?`` are accepted; its hashed
