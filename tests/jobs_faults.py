@@ -169,12 +169,13 @@ def lock_waiters(dsn: str, key: int) -> list[int]:
 
 
 def underway_backends(dsn: str) -> list[tuple[str, str, str]]:
-    """(application_name, state, query) of the supervisor's and workers' backends."""
+    """(application_name, state, query) of the supervisor's, workers' and scheduler's backends."""
     rows = sql(
         dsn,
         """
         SELECT application_name, coalesce(state, ''), coalesce(query, '') FROM pg_stat_activity
-        WHERE datname = current_database() AND application_name ~ '^underway (worker|supervisor) '
+        WHERE datname = current_database()
+          AND application_name ~ '^underway (worker|supervisor|scheduler) '
         ORDER BY application_name
         """,
     )

@@ -9,12 +9,14 @@ through LISTEN, not by polling.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 from collections import Counter
 from collections.abc import Iterator
 
 import jobs_faults
+import psutil
 import psycopg2
 import pytest
 from jobs_faults import (
@@ -415,3 +417,58 @@ def test_log_has_start_and_finish_lines_and_never_the_password(
         for step, finish in ((0, "advanced"), (1, "succeeded")):
             expected.update([(task_id, step, "started"), (task_id, step, finish)])
     assert seen == expected
+
+
+def _dead(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie not yet reaped counts as dead)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: workers keep SIGQUIT at SIG_DFL (supervisor._child_main), so Ctrl-\\ to the "
+    "process group kills them on their own; the supervisor reaps them before its kill_all, "
+    "counts them as crashes and the cut-off try is used up ('crashed', attempts 1)",
+)
+@pytest.mark.timeout(60)
+def test_sigquit_to_process_group_does_not_count_the_try(fdsn: str, gate: Gate) -> None:
+    """Ctrl-\\ in a terminal (SIGQUIT to the whole group) is a hard stop like SIGQUIT to the
+    supervisor: exit 1, and the cut-off step goes back with its try not counted.
+
+    To make the order of events certain, the supervisor is held inside its lease renewal
+    (the test locks the task row) while the signal reaches everyone."""
+    key = gate.hold(106)
+    with supervisor(fdsn, "--grace", "30", "--lease", "3") as sup:
+        wait_idle(fdsn, 2)
+        task = jobs_faults.blocking.enqueue({"lock": key})
+        [busy] = wait_blocked(fdsn, key)
+        row_lock = psycopg2.connect(fdsn)
+        try:
+            with row_lock.cursor() as cur:
+                cur.execute("SELECT 1 FROM underway.task WHERE id = %s FOR UPDATE", (task.id,))
+            wait_until(
+                lambda: (
+                    sql(
+                        fdsn,
+                        "SELECT wait_event_type FROM pg_stat_activity"
+                        " WHERE application_name LIKE 'underway supervisor %%'",
+                    )
+                    == [("Lock",)]
+                ),
+                message="supervisor blocked renewing leases",
+            )
+            sup.signal_group(signal.SIGQUIT)
+            # A worker that does not ignore SIGQUIT dies now; give it the chance.
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: _dead(busy), timeout=2)
+        finally:
+            row_lock.close()
+        assert sup.wait(10) == 1, sup
+    row = task_row(fdsn, task.id)
+    assert (row["state"], row["attempts"], row["claim_token"]) == ("pending", 0, None), sup
+    assert attempts_of(fdsn, task.id) == [(0, 1, "interrupted")]
+    assert_cut_off_write_never_commits(fdsn, gate, key, busy)
+    assert effects(fdsn, task.id) == []
