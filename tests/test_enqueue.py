@@ -256,12 +256,6 @@ def test_nan_and_infinity_are_a_value_error_naming_the_job(dsn: str, bad: Any) -
     assert task_count(dsn) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: strings PostgreSQL's jsonb cannot hold (NUL, lone surrogates) pass the "
-    "JSON check and fail in the database with a psycopg2.DataError that does not name the "
-    "job and aborts the caller's transaction",
-)
 @pytest.mark.parametrize("bad", ["a\x00b", {"k": "\ud800"}], ids=["nul", "lone-surrogate"])
 def test_strings_jsonb_cannot_store_are_a_value_error_naming_the_job(
     dsn: str, txn: PgConnection, bad: Any
@@ -275,11 +269,6 @@ def test_strings_jsonb_cannot_store_are_a_value_error_naming_the_job(
     assert query(dsn, "SELECT input FROM underway.task") == [({"fine": True},)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a priority outside PostgreSQL's integer range reaches the database and "
-    "fails with NumericValueOutOfRange instead of a ValueError naming the job",
-)
 def test_priority_outside_the_integer_column_is_a_value_error_naming_the_job(
     dsn: str, txn: PgConnection
 ) -> None:
@@ -457,12 +446,6 @@ def test_enqueue_recovers_after_the_server_drops_its_connection(
     assert len(backends) == 1 and backends != [old_backend]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: db.is_alive() polls a readable idle connection once; that consumes the "
-    "server's FATAL 'terminating connection' message but not the EOF behind it, so the dead "
-    "connection passes as alive and the next enqueue fails",
-)
 def test_next_enqueue_after_a_dropped_connection_succeeds(
     dsn: str, pg_server: PgTestServer
 ) -> None:

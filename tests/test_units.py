@@ -345,11 +345,10 @@ def test_enqueue_with_a_non_integer_priority_is_a_type_error(
         job_with_step.enqueue({}, priority=priority)
 
 
-def test_a_non_integer_job_priority_is_refused_at_enqueue(make_job, unreachable_db):
-    job = make_job(priority="urgent")
-    job.step(lambda cx, inp: None)
+def test_a_non_integer_job_priority_is_refused_when_the_job_is_defined(make_job):
+    """A bad default priority is caught at definition, not at the first enqueue."""
     with pytest.raises(TypeError, match="priority"):
-        job.enqueue({})
+        make_job(priority="urgent")
 
 
 def test_enqueue_with_a_negative_delay_is_refused(job_with_step, unreachable_db):

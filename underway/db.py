@@ -108,11 +108,12 @@ def close_quietly(conn: psycopg2.extensions.connection | None) -> None:
 def is_alive(conn: psycopg2.extensions.connection) -> bool:
     """Whether an idle connection is still usable, without a round trip: a connection the
     server closed (a restart, a terminated backend) reads as end-of-file."""
-    if conn.closed:
-        return False
     try:
-        readable, _, _ = select.select([conn], [], [], 0)
-        if readable:
+        # The server's goodbye ("terminating connection") and the end-of-file behind it
+        # may arrive separately: keep reading while there is something to read.
+        for _ in range(8):
+            if conn.closed or not select.select([conn], [], [], 0)[0]:
+                break
             conn.poll()
     except (psycopg2.Error, OSError, ValueError):
         return False

@@ -21,6 +21,9 @@ from .queries import QUERIES
 from .retry import RetryPolicy
 from .task import Task
 
+INT_MIN, INT_MAX = -(2**31), 2**31 - 1
+"""The range of PostgreSQL's ``integer``, which priorities are stored as."""
+
 Delay = Union[timedelta, float, int, None]
 """A delay: a :class:`~datetime.timedelta` or a number of seconds; ``None`` means none."""
 
@@ -94,6 +97,8 @@ class Job:
             raise ConfigurationError(
                 f"a job named {name!r} is already defined; job names must be unique"
             )
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise TypeError(f"job {name!r}: priority must be an integer, not {priority!r}")
         self.name = name
         self.retry = retry or RetryPolicy()
         self.priority = priority
@@ -239,6 +244,10 @@ class Job:
         chosen = self.priority if priority is None else priority
         if isinstance(chosen, bool) or not isinstance(chosen, int):
             raise TypeError(f"job {self.name!r}: priority must be an integer, not {chosen!r}")
+        if not INT_MIN <= chosen <= INT_MAX:
+            raise ValueError(
+                f"job {self.name!r}: priority must fit a 32-bit integer, not {chosen!r}"
+            )
         return {
             "job": self.name,
             "priority": chosen,
@@ -254,11 +263,38 @@ def to_json(value: Any, context: str) -> str:
     """Serialise ``value`` for a task, or raise TypeError/ValueError that says what is wrong
     and where (``context``)."""
     try:
-        return json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
     except TypeError as exc:
         raise TypeError(f"{context} is not JSON-serialisable: {exc}") from None
     except ValueError as exc:
         raise ValueError(f"{context} is not valid JSON: {exc}") from None
+    # jsonb cannot hold NUL or a lone surrogate; both show up escaped in the text, so
+    # only inputs that contain such an escape are looked at more closely.
+    if "\\u0000" in text or "\\ud" in text:
+        bad = _unstorable_string(value)
+        if bad is not None:
+            raise ValueError(f"{context} holds a string PostgreSQL cannot store: {bad!r}")
+    return text
+
+
+def _unstorable_string(value: Any) -> str | None:
+    """The first string in ``value`` (keys included) with a NUL or a lone surrogate."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value
+        return value if "\x00" in value else None
+    items: Iterable[Any] = ()
+    if isinstance(value, dict):
+        items = (item for pair in value.items() for item in pair)
+    elif isinstance(value, (list, tuple)):
+        items = value
+    for item in items:
+        bad = _unstorable_string(item)
+        if bad is not None:
+            return bad
+    return None
 
 
 def seconds(delay: Delay) -> float:
