@@ -508,11 +508,6 @@ def test_worker_that_lost_its_claim_changes_nothing(dsn, make_worker, case):
     assert attempts_of(dsn, task.id) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: execute() logs task_succeeded/task_advanced after _finish() was fenced out, "
-    "and _fail() logs task_retrying/task_failed without checking it recorded anything",
-)
 @pytest.mark.parametrize("case", list(FENCED_CASES))
 def test_fenced_out_outcome_is_not_logged_as_one(dsn, make_worker, caplog, case):
     """A worker that lost its claim logs that it lost the task, not an outcome it did not
@@ -709,11 +704,6 @@ def test_wait_wakes_when_a_delayed_task_is_due(dsn, make_worker):
 # -- a lost connection --------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: Worker.connect() only checks conn.closed, which stays 0 after the server "
-    "terminated an idle session, so it hands back the dead connection",
-)
 def test_connect_replaces_a_connection_terminated_while_idle(dsn, pg_server, make_worker):
     """After its idle backend is terminated, connect() gives a new, working connection."""
     w = make_worker()
@@ -748,11 +738,6 @@ def test_run_survives_a_connection_terminated_while_idle(dsn, pg_server, make_wo
     assert attempts_of(dsn, task.id) == [(0, 1, "succeeded", None)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: when the connection dies under a failing step, the error from _fail() "
-    "escapes execute() without setting _orphan, so the task stays 'running' until its lease",
-)
 def test_task_is_given_back_when_the_connection_dies_under_a_failing_step(
     dsn, pg_server, make_worker
 ):

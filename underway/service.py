@@ -17,7 +17,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from .db import check_schema, close_quietly, connect
+from .db import check_schema, close_quietly, connect, is_alive
 
 CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 
@@ -71,8 +71,11 @@ class Service:
         raise NotImplementedError
 
     def connect(self) -> psycopg2.extensions.connection:
-        """Open the service's one connection if it is not open, and LISTEN on it."""
-        if self.conn is None or self.conn.closed:
+        """Open the service's one connection if it is not open (or the server closed it),
+        and LISTEN on it."""
+        if self.conn is not None and not is_alive(self.conn):
+            self.disconnect()
+        if self.conn is None:
             self.conn = connect(self.dsn, application_name=f"underway {self.role} {os.getpid()}")
             check_schema(self.conn)
             with self.conn.cursor() as cur:

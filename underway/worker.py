@@ -40,6 +40,12 @@ from .slots import Slots
 log = logging.getLogger("underway.worker")
 
 
+LOST = (
+    "the task was taken from this worker (its lease lapsed) before the outcome was "
+    "recorded; the step's writes were rolled back"
+)
+
+
 @dataclass(frozen=True)
 class Claim:
     """A task this worker has claimed: the row as the claim left it."""
@@ -178,74 +184,82 @@ class Worker(Service):
         started = time.perf_counter()
         self._log("started", claim, step)
         try:
-            if step is None:
-                raise Fatal(
-                    f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
-                    "were steps removed while tasks were queued?"
-                )
-            outcome = self._outcome(job, step, step.function(cx, claim.input))
-            self._finish(conn, cx, claim, outcome)
+            try:
+                if step is None:
+                    raise Fatal(
+                        f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
+                        "were steps removed while tasks were queued?"
+                    )
+                outcome, next_input = self._outcome(job, step, step.function(cx, claim.input))
+                event, details = self._finish(conn, cx, claim, outcome, next_input)
+            except Exception as exc:
+                if conn.closed:
+                    raise
+                event, details = self._fail(conn, cx, claim, step, exc)
         except Exception as exc:
-            if conn.closed:
-                # The session is gone, and the step's transaction with it.
-                self._orphan = (claim.token, f"connection lost during step: {exc}", True)
-                raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
-            self._fail(conn, cx, claim, step, exc, time.perf_counter() - started)
-            return
-        self._log(
-            "succeeded" if outcome.kind == "done" else "advanced",
-            claim,
-            step,
-            duration=time.perf_counter() - started,
-        )
+            if not conn.closed:
+                raise
+            # The session is gone, and the step's transaction with it: give the task back
+            # as soon as a new connection is up.
+            self._orphan = (claim.token, f"connection lost during step: {exc}", True)
+            raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
+        self._log(event, claim, step, duration=time.perf_counter() - started, **details)
 
-    def _outcome(self, job: Job, step: Step, result: Any) -> To:
-        """Check what the step returned: a To (or None for done) that fits the job."""
+    def _outcome(self, job: Job, step: Step, result: Any) -> tuple[To, str | None]:
+        """Check what the step returned (a To, or None for done) against the job; returns
+        it with the next step's input as JSON. A mistake here is Fatal: retrying the same
+        code would make the same mistake."""
         if result is None:
-            return To.done()
+            result = To.done()
         if not isinstance(result, To):
             raise Fatal(
                 f"step {step.name!r} of job {job.name!r} returned {type(result).__name__}; "
                 "a step returns To.next(value), To.delay(delay, value), To.done() or None"
             )
-        if result.kind == "next" and step.index + 1 >= len(job.steps):
+        if result.kind == "done":
+            return result, None
+        if step.index + 1 >= len(job.steps):
             raise Fatal(
                 f"step {step.name!r} is the last step of job {job.name!r}, "
                 "so it cannot go on to a next one: return To.done()"
             )
-        return result
+        try:
+            return result, to_json(result.value, f"output of step {step.name!r} of {job.name!r}")
+        except (TypeError, ValueError) as exc:
+            raise Fatal(str(exc)) from exc
 
     def _finish(
-        self, conn: psycopg2.extensions.connection, cx: Context, claim: Claim, outcome: To
-    ) -> None:
-        """Record the outcome in the step's transaction (if it opened one) and commit."""
+        self,
+        conn: psycopg2.extensions.connection,
+        cx: Context,
+        claim: Claim,
+        outcome: To,
+        next_input: str | None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Record the outcome in the step's transaction (if it opened one) and commit;
+        returns the event to log."""
         fence = {"id": claim.id, "token": claim.token}
-        if outcome.kind == "done":
+        if next_input is None:
             sql, params = QUERIES["complete_task"], fence
         else:
             following = self.jobs[claim.job].steps[claim.step + 1]
             params = {
                 **fence,
-                "input": to_json(outcome.value, f"output of step {claim.step} of {claim.job!r}"),
+                "input": next_input,
                 "delay": outcome.wait,
                 "max_attempts": following.retry.max_attempts,
             }
             sql = QUERIES["advance_task"]
         with conn.cursor() as cur:
             cur.execute(sql, params)
-            fenced_out = cur.rowcount != 1
+            lost = cur.rowcount != 1
             if cx.in_transaction:
-                cur.execute("ROLLBACK" if fenced_out else "COMMIT")
-            if outcome.wait and not fenced_out:
+                cur.execute("ROLLBACK" if lost else "COMMIT")
+            if outcome.wait and not lost:
                 cur.execute("SELECT pg_notify('underway', '')")
-        if fenced_out:
-            log.warning(
-                "task %s (job %s) was taken from this worker before its step finished; "
-                "the step's writes were rolled back",
-                claim.id,
-                claim.job,
-                extra={"event": "task_lost", "task_id": claim.id, "job": claim.job},
-            )
+        if lost:
+            return "lost", {"error": LOST}
+        return ("succeeded" if next_input is None else "advanced"), {}
 
     def _fail(
         self,
@@ -254,14 +268,13 @@ class Worker(Service):
         claim: Claim,
         step: Step | None,
         exc: Exception,
-        duration: float,
-    ) -> None:
-        """Roll back the step's writes, then record the failed try: retry later or give up."""
-        policy = step.retry if step is not None else None
+    ) -> tuple[str, dict[str, Any]]:
+        """Roll back the step's writes, then record the failed try: retry later or give up.
+        The task row's ``max_attempts`` decides, as it does for crashes and lost leases."""
         retry = (
-            not isinstance(exc, Fatal) and policy is not None and policy.should_retry(claim.attempt)
+            not isinstance(exc, Fatal) and step is not None and claim.attempt < claim.max_attempts
         )
-        delay = policy.delay(claim.attempt) if retry and policy else 0.0
+        delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
         error = f"{type(exc).__name__}: {exc}"
         with conn.cursor() as cur:
             if cx.in_transaction:
@@ -278,12 +291,12 @@ class Worker(Service):
                     "outcome": "failed",
                 },
             )
+            if cur.rowcount != 1:
+                return "lost", {"error": f"{LOST} (the step failed: {error})"}
             if retry:
                 cur.execute("SELECT pg_notify('underway', '')")
-        if retry:
-            self._log("retrying", claim, step, duration=duration, error=error, delay=delay)
-        else:
-            self._log("failed", claim, step, duration=duration, error=error)
+                return "retrying", {"error": error, "delay": delay}
+        return "failed", {"error": error}
 
     def give_back_orphan(self) -> None:
         """After a reconnect, release the task held when the connection broke."""
@@ -335,7 +348,7 @@ class Worker(Service):
         if error is not None:
             message += " error=%s"
             args.append(error)
-        level = logging.WARNING if event in ("retrying", "failed") else logging.INFO
+        level = logging.WARNING if event in ("retrying", "failed", "lost") else logging.INFO
         log.log(
             level,
             message,
