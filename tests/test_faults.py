@@ -182,6 +182,37 @@ def test_sigkill_mid_step_reruns_at_once_and_commits_exactly_once(fdsn: str, gat
         assert sup.wait(20) == 0, sup
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: a worker SIGKILLed while its backend runs a statement leaves that backend "
+    "running (PostgreSQL notices a lost client only when it next talks to it) and the "
+    "supervisor does nothing about it: the backends exceed N + 2 for as long as the statement "
+    "runs, and the dead try keeps its locks",
+)
+@pytest.mark.timeout(60)
+def test_sigkilled_workers_backend_does_not_outlive_it(fdsn: str, gate: Gate) -> None:
+    """After a worker is SIGKILLed mid-statement and replaced, its old backend goes away:
+    the supervisor is back within its N + 2 connections (2 workers + supervisor + scheduler)
+    while the statement the dead worker started would still be waiting."""
+    key = gate.hold(208)
+    with supervisor(fdsn) as sup:
+        wait_idle(fdsn, 2)
+        wait_until(lambda: len(underway_backends(fdsn)) == 4, message="all connected")
+        task = jobs_faults.blocking.enqueue({"lock": key, "block_attempts": 1})
+        [busy] = wait_blocked(fdsn, key)
+        os.kill(busy, signal.SIGKILL)
+        wait_until(lambda: task_row(fdsn, task.id)["state"] == "succeeded")
+        wait_idle(fdsn, 2)  # the replacement worker is up
+        wait_until(
+            lambda: len(underway_backends(fdsn)) <= 4,
+            timeout=5,
+            message="the dead worker's backend gone",
+        )
+        assert worker_backends(fdsn, busy) == 0
+        sup.signal(signal.SIGTERM)
+        assert sup.wait(20) == 0, sup
+
+
 @pytest.mark.timeout(60)
 def test_poison_task_fails_after_exactly_max_attempts_while_others_flow(fdsn: str) -> None:
     """A step that SIGKILLs its own worker every time (max_attempts=3) fails after exactly
