@@ -5,6 +5,8 @@ Enqueue runs of it with a plain call (in your own transaction if you like), and 
 ``python -m underway.supervisor yourmodule`` to work through them.
 """
 
+from typing import Any
+
 from .context import Context
 from .cron import ZonedSchedule
 from .db import configure
@@ -12,7 +14,6 @@ from .errors import ConfigurationError, Fatal, SchemaMissing, UnderwayError
 from .job import Job, To
 from .migrations import run_migrations
 from .retry import RetryPolicy
-from .supervisor import run_workers
 from .task import Task, TaskState
 
 __version__ = "0.1.0"
@@ -34,3 +35,13 @@ __all__ = [
     "run_migrations",
     "run_workers",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # run_workers lives in underway.supervisor, which `python -m underway.supervisor` runs
+    # as __main__: importing it here, eagerly, would load it twice.
+    if name == "run_workers":
+        from .supervisor import run_workers
+
+        return run_workers
+    raise AttributeError(f"module 'underway' has no attribute {name!r}")

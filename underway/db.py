@@ -83,8 +83,12 @@ def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensi
     """
     try:
         given = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError as exc:
-        raise ConfigurationError(f"invalid database DSN {redact_dsn(dsn)!r}: {exc}") from None
+    except psycopg2.ProgrammingError:
+        # libpq's message quotes the part it could not read, which may be the password.
+        raise ConfigurationError(
+            "invalid database DSN: it is neither a postgresql:// URI nor key=value pairs "
+            "(not shown, as it may hold a password); check the quoting of special characters"
+        ) from None
     try:
         settings = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
         settings.setdefault("application_name", given.get("application_name", application_name))

@@ -187,3 +187,11 @@ SELECT underway.fire_tick(%(job)s, %(name)s, %(fire_at)s, %(priority)s, %(max_at
 INSERT INTO underway.schedule_tick (job, name, fire_at)
 VALUES (%(job)s, %(name)s, %(fire_at)s)
 ON CONFLICT DO NOTHING;
+
+-- name: end_sessions_of
+-- End the server sessions of a dead child process. PostgreSQL notices a vanished client
+-- only when it next talks to it, so a session busy with a long statement would live on,
+-- holding its locks and a connection slot.
+SELECT pg_terminate_backend(pid)
+FROM pg_stat_activity
+WHERE application_name = %(application_name)s AND pid <> pg_backend_pid();

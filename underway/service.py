@@ -19,7 +19,16 @@ import psycopg2.extensions
 
 from .db import check_schema, close_quietly, connect, is_alive
 
-CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# What a lost or broken connection raises. After a server crash psycopg2 may report the
+# dead socket as a bare DatabaseError, so every database error of underway's own
+# statements is handled alike: drop the connection, back off, reconnect.
+DATABASE_ERRORS = (psycopg2.Error,)
+
+
+def application_name(role: str, pid: int) -> str:
+    """The ``application_name`` a service's session carries: how the supervisor finds the
+    session of a child that died, and how operators tell sessions apart."""
+    return f"underway {role} {pid}"
 
 
 class Service:
@@ -55,11 +64,15 @@ class Service:
                 self.connect()
                 self.turn()
                 failures = 0
-            except CONNECTION_ERRORS as exc:
+            except DATABASE_ERRORS as exc:
                 self.disconnect()
                 failures += 1
                 pause = min(0.05 * 2**failures, 5.0)
-                self.log.warning("database connection lost (%s); retrying in %.2fs", exc, pause)
+                self.log.warning(
+                    "database connection lost or failing (%s); reconnecting in %.2fs",
+                    str(exc).strip(),
+                    pause,
+                )
                 self.sleep(pause)
             if self._parent != os.getppid():
                 self.log.warning("supervisor is gone; %s stopping", self.role)
@@ -76,7 +89,7 @@ class Service:
         if self.conn is not None and not is_alive(self.conn):
             self.disconnect()
         if self.conn is None:
-            self.conn = connect(self.dsn, application_name=f"underway {self.role} {os.getpid()}")
+            self.conn = connect(self.dsn, application_name=application_name(self.role, os.getpid()))
             check_schema(self.conn)
             with self.conn.cursor() as cur:
                 cur.execute(f"LISTEN {self.channel}")

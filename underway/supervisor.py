@@ -51,7 +51,7 @@ from .errors import UnderwayError
 from .job import Job, registered_jobs
 from .queries import QUERIES
 from .scheduler import Scheduler
-from .service import CONNECTION_ERRORS, Service
+from .service import DATABASE_ERRORS, Service, application_name
 from .slots import Slots
 from .worker import Worker
 
@@ -76,11 +76,26 @@ class Process:
     started: float = field(default_factory=time.monotonic)
 
     @property
+    def application_name(self) -> str:
+        """The ``application_name`` of its database session (see :class:`Service`)."""
+        return application_name("scheduler" if self.slot == SCHEDULER else "worker", self.pid)
+
+    @property
     def name(self) -> str:
         """How logs call it: 'scheduler 123' or 'worker 456 (slot 0)'."""
         if self.slot == SCHEDULER:
             return f"scheduler {self.pid}"
         return f"worker {self.pid} (slot {self.slot})"
+
+
+@dataclass(frozen=True)
+class DeadChild:
+    """A child that exited uncleanly or holding a task, still to be cleaned up after."""
+
+    process: Process
+    token: int
+    counts: bool
+    reason: str
 
 
 @dataclass
@@ -107,7 +122,7 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}  # slot -> when to start it again
         self.crashes: dict[int, int] = {}  # slot -> quick deaths in a row
         self.killed_by_us: set[int] = set()  # pids cut off by our own shutdown
-        self.unreleased: list[tuple[int, bool, str]] = []  # (token, counts, error)
+        self.unreleased: list[DeadChild] = []  # to clean up after, oldest first
         self.conn: psycopg2.extensions.connection | None = None
         self.stopping_at: float | None = None  # deadline of a graceful stop
         self.hard_stop = False
@@ -243,10 +258,10 @@ class Supervisor:
             os.set_blocking(wake_w, False)
             signal.set_wakeup_fd(wake_w)
             service = self._service(slot, wake_r)
-            # Ctrl-C reaches the whole process group: only the supervisor decides.
+            # Ctrl-C and Ctrl-\ reach the whole process group: only the supervisor decides.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
-            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_IGN)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, lambda *_: service.stop())
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
@@ -300,12 +315,11 @@ class Supervisor:
         if slot != SCHEDULER:
             self.slots.clear(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        if token:
-            counts = not ours
+        if token or not clean:
             reason = f"worker process {process.pid} {how}"
             if not ours:
                 reason += " while running the step"
-            self.unreleased.append((token, counts, reason))
+            self.unreleased.append(DeadChild(process, token, counts=not ours, reason=reason))
             self.release_unreleased()
         if clean or ours:
             log.info("%s %s", process.name, how)
@@ -353,7 +367,9 @@ class Supervisor:
     def connection(self) -> psycopg2.extensions.connection:
         """The supervisor's one connection, opened (and checked) on first use."""
         if self.conn is None or self.conn.closed:
-            self.conn = connect(self.dsn, application_name=f"underway supervisor {os.getpid()}")
+            self.conn = connect(
+                self.dsn, application_name=application_name("supervisor", os.getpid())
+            )
             check_schema(self.conn)
         return self.conn
 
@@ -363,28 +379,36 @@ class Supervisor:
         self.conn = None
 
     def release_unreleased(self) -> None:
-        """Give back the tasks of dead workers; kept for later if the database is away."""
+        """Clean up after dead children: end the server session a child left running (it
+        may be mid-statement, holding locks and a connection slot), then give back the
+        task it held. Kept for later while the database is away."""
         while self.unreleased:
-            token, counts, reason = self.unreleased[0]
+            dead = self.unreleased[0]
             try:
                 with self.connection().cursor() as cur:
                     cur.execute(
-                        QUERIES["release_task"],
-                        {
-                            "token": token,
-                            "counts": counts,
-                            "outcome": "crashed" if counts else "interrupted",
-                            "error": reason,
-                        },
+                        QUERIES["end_sessions_of"],
+                        {"application_name": dead.process.application_name},
                     )
-                    released = cur.fetchall()
-            except CONNECTION_ERRORS as exc:
-                log.warning("cannot release a dead worker's task yet: %s", exc)
+                    released = []
+                    if dead.token:
+                        cur.execute(
+                            QUERIES["release_task"],
+                            {
+                                "token": dead.token,
+                                "counts": dead.counts,
+                                "outcome": "crashed" if dead.counts else "interrupted",
+                                "error": dead.reason,
+                            },
+                        )
+                        released = cur.fetchall()
+            except DATABASE_ERRORS as exc:
+                log.warning("cannot clean up after a dead worker yet: %s", exc)
                 self.drop_connection()
                 return
             self.unreleased.pop(0)
             for task_id, state, _ in released:
-                log.warning("task %s given back (%s): %s", task_id, state, reason)
+                log.warning("task %s given back (%s): %s", task_id, state, dead.reason)
 
     def maintenance_interval(self) -> float:
         """Seconds between lease renewals; a third of the lease, so two can fail."""
@@ -407,7 +431,7 @@ class Supervisor:
                 cur.execute(QUERIES["reclaim_expired"])
                 for task_id, _ in cur.fetchall():
                     log.warning("task %s released: its lease expired", task_id)
-        except CONNECTION_ERRORS as exc:
+        except DATABASE_ERRORS as exc:
             log.warning("maintenance skipped, database unavailable: %s", exc)
             self.drop_connection()
 
@@ -492,8 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         jobs = import_jobs(args.modules)
     except ModuleNotFoundError as exc:
-        if exc.name in args.modules:
-            print(f"underway: cannot import module {exc.name!r}: no such module", file=sys.stderr)
+        wanted = [m for m in args.modules if exc.name and (m + ".").startswith(exc.name + ".")]
+        if wanted:
+            missing = "no such module" if exc.name == wanted[0] else f"no module {exc.name!r}"
+            print(f"underway: cannot import module {wanted[0]!r}: {missing}", file=sys.stderr)
             return 2
         raise
     if not jobs:

@@ -34,7 +34,7 @@ from .context import Context
 from .errors import Fatal
 from .job import Job, Step, To, to_json
 from .queries import QUERIES
-from .service import CONNECTION_ERRORS, Service
+from .service import DATABASE_ERRORS, Service
 from .slots import Slots
 
 log = logging.getLogger("underway.worker")
@@ -145,7 +145,7 @@ class Worker(Service):
                     {"jobs": self.job_names, "token": token, "lease": self.lease},
                 )
                 row = cur.fetchone()
-        except CONNECTION_ERRORS:
+        except DATABASE_ERRORS:
             # The claim may have committed: give it back, uncounted, once reconnected.
             self._orphan = (token, "connection lost while claiming", False)
             raise
