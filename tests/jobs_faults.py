@@ -125,9 +125,8 @@ def sql(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
 def enqueue_fresh(dsn: str, job: Job, inputs: list[Any]) -> list[int]:
     """Enqueue on a new connection of our own, committed on return; returns the task ids.
 
-    Used right after a fault: the process-wide enqueue connection may be one the server
-    just terminated (which ``db.is_alive`` fails to notice on the first call, a bug tested
-    in ``test_enqueue.py``).
+    Used right after a fault, so that what is tested is the workers' recovery, not that of
+    this process's own enqueue connection (``test_enqueue.py`` covers that).
     """
     conn = psycopg2.connect(dsn, connect_timeout=10)
     try:
