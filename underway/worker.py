@@ -123,7 +123,10 @@ class Worker(Service):
         try:
             self.execute(claim)
         finally:
-            self.slots.clear(self.slot)
+            # A task still to give back stays posted, so that if this process dies
+            # before it reconnects, the supervisor gives it back instead.
+            if self._orphan is None:
+                self.slots.clear(self.slot)
         return True
 
     def on_connect(self) -> None:
