@@ -192,6 +192,19 @@ def test_schedule_stores_replaces_and_unschedule_removes(dsn):
     assert schedule_count(dsn) == 0
 
 
+def test_storing_the_same_schedule_again_keeps_its_missed_ticks(dsn):
+    """Re-storing an unchanged schedule (as an app does at start-up) keeps updated_at, so
+    ticks missed meanwhile are still caught up; a real change starts afresh."""
+    report.schedule("0 * * * *", {"kind": "x"})
+    sql = "SELECT updated_at FROM underway.schedule WHERE job = %s"
+    query(dsn, "UPDATE underway.schedule SET updated_at = now() - interval '5 hours'")
+    before = scalar(dsn, sql, (report.name,))
+    report.schedule("0 * * * *", {"kind": "x"})
+    assert scalar(dsn, sql, (report.name,)) == before
+    report.schedule("0 * * * *", {"kind": "y"})
+    assert scalar(dsn, sql, (report.name,)) > before
+
+
 @pytest.mark.parametrize(
     ("expression", "named"),
     [
@@ -418,13 +431,6 @@ def test_catch_up_false_fires_within_misfire_grace_only(dsn, make_scheduler):
 NEVER_AGAIN = "*/30 2 * 3 sun#2[America/New_York]"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="bug: Scheduler.run_once calls schedule.next_after(now) unguarded (scheduler.py,"
-    " run_once loop); for a schedule with no future tick it raises ValueError, which escapes"
-    " Service.run, so the scheduler process crash-loops and no other schedule fires",
-)
 def test_a_schedule_that_never_fires_again_does_not_stop_the_others(dsn, make_scheduler):
     """A stored schedule with no future tick is skipped, and the other schedules of
     the same scheduler turn still fire."""
@@ -444,13 +450,6 @@ def test_a_schedule_that_never_fires_again_does_not_stop_the_others(dsn, make_sc
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: Job.schedule only checks that the cron fields ever match on a naive calendar"
-    " from 2000 (cron._compile), not that the zoned schedule has a future tick, so it stores"
-    " a schedule that never fires again (and that then crashes the scheduler)",
-)
 def test_schedule_that_never_fires_again_is_refused(dsn):
     """job.schedule refuses, with ValueError and nothing stored, a schedule whose every future
     wall time falls in a DST gap."""

@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Union, overload
 
 from .cron import ZonedSchedule
@@ -214,6 +214,7 @@ class Job:
             stored then.
         """
         parsed = ZonedSchedule.parse(expression)
+        parsed.next_after(datetime.now(timezone.utc))  # ValueError if it never fires again
         self._check_steps()
         params = {
             "job": self.name,

@@ -154,12 +154,18 @@ WHERE state = 'pending' AND run_at <= now() AND job = ANY (%(jobs)s);
 SELECT max(version) FROM underway.migration;
 
 -- name: store_schedule
--- Store a job's schedule, or replace it; a replaced schedule starts afresh from now.
-INSERT INTO underway.schedule (job, name, expression, input, catch_up)
+-- Store a job's schedule, or replace it. A changed schedule starts afresh from now;
+-- storing the same one again (as an app does at every start) changes nothing, so
+-- ticks missed during a deploy are still caught up.
+INSERT INTO underway.schedule AS s (job, name, expression, input, catch_up)
 VALUES (%(job)s, %(name)s, %(expression)s, %(input)s::jsonb, %(catch_up)s)
 ON CONFLICT (job, name) DO UPDATE
 SET expression = excluded.expression, input = excluded.input,
-    catch_up = excluded.catch_up, updated_at = now();
+    catch_up = excluded.catch_up,
+    updated_at = CASE
+        WHEN (s.expression, s.input, s.catch_up)
+             IS DISTINCT FROM (excluded.expression, excluded.input, excluded.catch_up)
+        THEN now() ELSE s.updated_at END;
 
 -- name: remove_schedule
 -- Remove a job's schedule; ticks it already fired stay recorded.

@@ -79,8 +79,14 @@ class Scheduler(Service):
                 schedule = self._parse(job, name, expression)
                 if schedule is None:
                     continue
-                self._fire_due(cur, schedule, job, name, catch_up, anchor, now)
-                upcoming = schedule.next_after(now)
+                try:
+                    self._fire_due(cur, schedule, job, name, catch_up, anchor, now)
+                    upcoming = schedule.next_after(now)
+                except ValueError as exc:
+                    # A schedule that can never fire again must not stop the others.
+                    log.error("schedule %s/%s is ignored: %s", job, name, exc)
+                    self._parsed[expression] = None
+                    continue
                 wait = min(wait, (upcoming - now).total_seconds())
         return max(wait, 0.01)
 
