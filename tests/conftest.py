@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
+from typing import Any
 
 import psutil
 import psycopg2
@@ -183,3 +184,22 @@ def _no_leaked_processes() -> Iterator[None]:
         "test left processes running (now killed):\n  " + "\n  ".join(descriptions),
         pytrace=False,
     )
+
+
+@pytest.fixture
+def fdsn(dsn: str) -> str:
+    """The test database, with the effects table the fault jobs write to."""
+    import jobs_faults
+
+    jobs_faults.prepare(dsn)
+    return dsn
+
+
+@pytest.fixture
+def gate(fdsn: str) -> Iterator[Any]:
+    """Advisory locks held by the test; ``faults-block`` steps wait for them."""
+    from jobs_faults import Gate
+
+    g = Gate(fdsn)
+    yield g
+    g.close()

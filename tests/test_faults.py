@@ -15,7 +15,6 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 
 import jobs_faults
 import psutil
@@ -26,8 +25,6 @@ from jobs_faults import (
     attempts_of,
     effects,
     enqueue_fresh,
-    idle_listening_workers,
-    lock_waiters,
     sql,
     states,
     task_row,
@@ -35,53 +32,14 @@ from jobs_faults import (
     worker_backends,
 )
 
-from .helpers import Supervisor, dbname_of, wait_until
+from .faults_common import supervisor, wait_blocked, wait_idle
+from .helpers import dbname_of, wait_until
 from .pgtest import PgTestServer
 
 pytestmark = pytest.mark.fault
 
-MODULE = "jobs_faults"
-IDLE = ["--poll-interval", "30"]
 #: How fast a task must be picked up after a fault; the poll interval is 30 s.
 PICKUP_LIMIT = 5.0
-
-
-@pytest.fixture
-def fdsn(dsn: str) -> str:
-    """The test database, with the effects table the fault jobs write to."""
-    jobs_faults.prepare(dsn)
-    return dsn
-
-
-@pytest.fixture
-def gate(fdsn: str) -> Iterator[Gate]:
-    """Advisory locks held by the test; ``faults-block`` steps wait for them."""
-    g = Gate(fdsn)
-    yield g
-    g.close()
-
-
-def supervisor(dsn: str, *args: str, workers: int = 2) -> Supervisor:
-    """A supervisor for the fault jobs (not yet started)."""
-    return Supervisor([MODULE], dsn, ["--workers", str(workers), *IDLE, *args])
-
-
-def wait_idle(dsn: str, workers: int, timeout: float = 15.0) -> None:
-    """Wait until ``workers`` workers are idle in their LISTEN wait."""
-    wait_until(
-        lambda: len(idle_listening_workers(dsn)) == workers,
-        timeout=timeout,
-        message=f"{workers} idle listening workers",
-    )
-
-
-def wait_blocked(dsn: str, key: int, count: int = 1, timeout: float = 10.0) -> list[int]:
-    """Wait until ``count`` steps wait on lock ``key``; return their workers' pids."""
-    return wait_until(
-        lambda: (pids := lock_waiters(dsn, key)) and len(pids) == count and pids,
-        timeout=timeout,
-        message=f"{count} steps waiting on lock {key}",
-    )
 
 
 def assert_all_listening(dsn: str, workers: int, key: int) -> float:

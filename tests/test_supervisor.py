@@ -13,7 +13,6 @@ import contextlib
 import re
 import signal
 from collections import Counter
-from collections.abc import Iterator
 
 import jobs_faults
 import psutil
@@ -25,7 +24,6 @@ from jobs_faults import (
     attempts_of,
     effects,
     holds_for,
-    idle_listening_workers,
     lock_waiters,
     sql,
     states,
@@ -33,51 +31,12 @@ from jobs_faults import (
     worker_backends,
 )
 
+from .faults_common import IDLE, MODULE, supervisor, wait_blocked, wait_idle
 from .helpers import Supervisor, dbname_of, run_python, wait_until
 from .pgtest import PgTestServer
 
-MODULE = "jobs_faults"
-IDLE = ["--poll-interval", "30"]
 #: Child processes of a supervisor with 2 workers: the workers and the scheduler.
 CHILDREN = 3
-
-
-@pytest.fixture
-def fdsn(dsn: str) -> str:
-    """The test database, with the effects table the fault jobs write to."""
-    jobs_faults.prepare(dsn)
-    return dsn
-
-
-@pytest.fixture
-def gate(fdsn: str) -> Iterator[Gate]:
-    """Advisory locks held by the test; ``faults-block`` steps wait for them."""
-    g = Gate(fdsn)
-    yield g
-    g.close()
-
-
-def supervisor(dsn: str, *args: str, workers: int = 2) -> Supervisor:
-    """A supervisor for the fault jobs (not yet started)."""
-    return Supervisor([MODULE], dsn, ["--workers", str(workers), *IDLE, *args])
-
-
-def wait_idle(dsn: str, workers: int, timeout: float = 15.0) -> None:
-    """Wait until ``workers`` workers are idle in their LISTEN wait."""
-    wait_until(
-        lambda: len(idle_listening_workers(dsn)) == workers,
-        timeout=timeout,
-        message=f"{workers} idle listening workers",
-    )
-
-
-def wait_blocked(dsn: str, key: int, count: int = 1, timeout: float = 10.0) -> list[int]:
-    """Wait until ``count`` steps wait on lock ``key``; return their workers' pids."""
-    return wait_until(
-        lambda: (pids := lock_waiters(dsn, key)) and len(pids) == count and pids,
-        timeout=timeout,
-        message=f"{count} steps waiting on lock {key}",
-    )
 
 
 def assert_cut_off_write_never_commits(dsn: str, gate: Gate, key: int, pid: int) -> None:
