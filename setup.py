@@ -22,7 +22,32 @@ setup(
     extras_require={
         # An embedded PostgreSQL for the examples and the test suite; never needed at run time.
         "embedded": ["pgserver>=0.1.4"],
-        "test": ["pgserver>=0.1.4", "psutil>=5", "pytest>=7", "pytest-timeout>=2", "ruff>=0.6"],
+        # The optional SQLAlchemy integration and the Flask example app.
+        "flask": ["flask>=2.2", "sqlalchemy>=2.0", "gunicorn>=21"],
+        "test": [
+            "pgserver>=0.1.4",
+            "psutil>=5",
+            "pytest>=7",
+            "pytest-timeout>=2",
+            "ruff>=0.6",
+            "flask>=2.2",
+            "sqlalchemy>=2.0",
+            "gunicorn>=21",
+        ],
+        # bench/: the peers measured side by side with underway, and the chart.
+        "bench": [
+            "pgserver>=0.1.4",
+            "psutil>=5",
+            "matplotlib>=3.7",
+            "procrastinate>=2",
+            "psycopg[binary,pool]>=3.1",
+            "pgqueuer>=0.10",
+            "asyncpg>=0.29",
+            "huey>=2.5",
+            "peewee>=3.17",
+            "rq>=1.16",
+            "redis>=5",
+        ],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Union, overload
 
+import psycopg2.extensions
+
 from .cron import ZonedSchedule
 from .db import default_cursor, translate_missing_schema
 from .errors import ConfigurationError
@@ -324,25 +326,41 @@ def _execute(cur: Any, sql: str, params: dict[str, Any]) -> None:
 
 
 class _CallerCursor:
-    """A cursor on the caller's connection or cursor, closed after use only if we opened it."""
+    """A cursor in the caller's transaction, closed after use only if we opened it."""
 
     def __init__(self, conn: Any):
-        self._given = conn
+        self._given = dbapi_connection(conn)
         self._opened: Any = None
 
     def __enter__(self) -> Any:
         if hasattr(self._given, "execute"):
             return self._given
-        if hasattr(self._given, "cursor"):
-            self._opened = self._given.cursor()
-            return self._opened
-        raise TypeError(
-            f"conn must be a psycopg2 connection or cursor, not {type(self._given).__name__}"
-        )
+        self._opened = self._given.cursor()
+        return self._opened
 
     def __exit__(self, *exc_info: Any) -> None:
         if self._opened is not None:
             self._opened.close()
+
+
+def dbapi_connection(conn: Any) -> Any:
+    """The psycopg2 connection or cursor behind ``conn``: a psycopg2 connection or cursor
+    as it is, or a SQLAlchemy ``Connection`` or ``Session`` (plain or scoped, as
+    Flask-SQLAlchemy's ``db.session``) unwrapped to the DBAPI connection of its current
+    transaction, beginning one if needed. SQLAlchemy itself is never imported."""
+    if type(conn).__module__.startswith("sqlalchemy."):
+        if callable(getattr(conn, "connection", None)):  # a Session: its transaction's Connection
+            conn = conn.connection()
+        if not conn.in_transaction():
+            conn.begin()  # as the Connection's own execute() would: the caller commits it
+        pooled = conn.connection  # a Connection: the pool's wrapper of the DBAPI connection
+        conn = getattr(pooled, "dbapi_connection", None) or pooled.connection
+    if isinstance(conn, (psycopg2.extensions.connection, psycopg2.extensions.cursor)):
+        return conn
+    raise TypeError(
+        "conn must be a psycopg2 connection or cursor, or a SQLAlchemy Connection or Session "
+        f"using the psycopg2 driver (postgresql+psycopg2://), not {type(conn).__name__}"
+    )
 
 
 def _cursor(conn: Any) -> Any:

@@ -108,6 +108,7 @@ class SupervisorOptions:
     poll_interval: float = 1.0
     lease: float = 30.0
     scheduler: bool = True
+    async_commit: bool = False
 
 
 class Supervisor:
@@ -287,6 +288,7 @@ class Supervisor:
             poll_interval=self.options.poll_interval,
             lease=self.options.lease,
             burst=self.options.burst,
+            async_commit=self.options.async_commit,
             slots=self.slots,
             slot=slot,
             wakeup_fd=wakeup_fd,
@@ -498,6 +500,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_false",
         help="do not run the scheduler process that enqueues cron schedules' ticks",
     )
+    parser.add_argument(
+        "--async-commit",
+        action="store_true",
+        help="commit steps with synchronous_commit=off: faster; a database crash may make "
+        "the last steps run again (see the README)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
     if args.workers < 1:
@@ -538,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             poll_interval=args.poll_interval,
             lease=args.lease,
             scheduler=args.scheduler,
+            async_commit=args.async_commit,
         )
     except (UnderwayError, psycopg2.OperationalError) as exc:
         print(f"underway: {exc}".strip(), file=sys.stderr)
@@ -554,6 +563,7 @@ def run_workers(
     poll_interval: float = 1.0,
     lease: float = 30.0,
     scheduler: bool = True,
+    async_commit: bool = False,
 ) -> int:
     """Supervise worker processes from this process, as ``python -m underway.supervisor``
     does; blocks until stopped and returns the exit status.
@@ -565,6 +575,8 @@ def run_workers(
     :param jobs: the jobs to run, by name (default: every job defined so far).
     :param scheduler: also run the scheduler process for the jobs' cron schedules
         (never in burst mode).
+    :param async_commit: commit steps with ``synchronous_commit = off`` (see
+        :class:`~underway.worker.Worker`).
     :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
     """
     options = SupervisorOptions(
@@ -574,6 +586,7 @@ def run_workers(
         poll_interval=poll_interval,
         lease=lease,
         scheduler=scheduler,
+        async_commit=async_commit,
     )
     chosen = registered_jobs() if jobs is None else dict(jobs)
     return Supervisor(resolve_dsn(dsn), chosen, options).run()
