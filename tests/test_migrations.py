@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import difflib
 import json
 import multiprocessing
@@ -60,6 +61,9 @@ def schema_objects(dsn: str) -> set[tuple[str, str]]:
     return set(rows)
 
 
+ALL_MIGRATIONS = [(1, "initial"), (2, "lifecycle")]
+
+
 def migration_rows(dsn: str) -> list[tuple[int, str]]:
     return query(dsn, "SELECT version, name FROM underway.migration ORDER BY version")
 
@@ -81,13 +85,41 @@ def other_empty_dsn(pg_server: PgTestServer) -> Iterator[str]:
 
 
 def test_run_migrations_applies_once_then_is_idempotent(empty_dsn: str) -> None:
-    """run_migrations applies [1] on an empty database, then [] on every later run, and
-    records the migration once."""
-    assert underway.run_migrations(empty_dsn) == [1]
+    """run_migrations applies every migration on an empty database, then [] on every later
+    run, and records each migration once."""
+    assert underway.run_migrations(empty_dsn) == [1, 2]
     assert underway.run_migrations(empty_dsn) == []
     assert underway.run_migrations(empty_dsn) == []
-    assert migration_rows(empty_dsn) == [(1, "initial")]
+    assert migration_rows(empty_dsn) == ALL_MIGRATIONS
     assert schema_objects(empty_dsn) >= CORE_OBJECTS
+
+
+def test_upgrade_from_version_1_keeps_tasks_and_backfills_them(empty_dsn: str) -> None:
+    """A database at version 1 with queued and finished tasks upgrades to the latest: the
+    tasks stay, in their job's queue (NULL), finished ones expiring 14 days after they
+    finished."""
+    from underway.migrations import BOOTSTRAP_SQL, migrations
+
+    first = migrations()[0]
+    with psycopg2.connect(empty_dsn) as conn, conn.cursor() as cur:
+        cur.execute(BOOTSTRAP_SQL)
+        cur.execute(first.sql)
+        cur.execute("INSERT INTO underway.migration VALUES (1, 'initial')")
+        cur.execute(
+            "INSERT INTO underway.task (job, input, state, finished_at) VALUES"
+            " ('migrations-upgrade', '1', 'pending', NULL),"
+            " ('migrations-upgrade', '2', 'succeeded', now() - interval '1 day')"
+        )
+    conn.close()
+    assert underway.run_migrations(empty_dsn) == [2]
+    rows = query(
+        empty_dsn,
+        "SELECT input::text, queue, expires_at - finished_at FROM underway.task ORDER BY id",
+    )
+    assert rows == [
+        ("1", None, None),
+        ("2", None, datetime.timedelta(days=14)),
+    ]
 
 
 def _migrate_at_once(dsn: str, barrier: Any, results: Any) -> None:
@@ -119,11 +151,11 @@ def test_concurrent_migrations_apply_exactly_once(empty_dsn: str, other_empty_ds
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    assert sorted(outcomes) == [("ok", []), ("ok", []), ("ok", []), ("ok", [1])], outcomes
+    assert sorted(outcomes) == [("ok", []), ("ok", []), ("ok", []), ("ok", [1, 2])], outcomes
     assert all(proc.exitcode == 0 for proc in procs)
-    assert migration_rows(empty_dsn) == [(1, "initial")]
+    assert migration_rows(empty_dsn) == ALL_MIGRATIONS
     assert schema_objects(empty_dsn) >= CORE_OBJECTS
-    assert underway.run_migrations(other_empty_dsn) == [1]
+    assert underway.run_migrations(other_empty_dsn) == [1, 2]
     assert_same_schema(schema_dump(other_empty_dsn), schema_dump(empty_dsn), "concurrent run")
 
 
@@ -183,7 +215,7 @@ def test_schema_sql_equals_the_migrations(empty_dsn: str, other_empty_dsn: str) 
     from_migrations = schema_dump(empty_dsn)
     from_schema_sql = schema_dump(other_empty_dsn)
     assert_same_schema(from_migrations, from_schema_sql, "schema.sql")
-    assert migration_rows(other_empty_dsn) == migration_rows(empty_dsn) == [(1, "initial")]
+    assert migration_rows(other_empty_dsn) == migration_rows(empty_dsn) == ALL_MIGRATIONS
     # A database built from schema.sql is one the migrations consider up to date.
     assert underway.run_migrations(other_empty_dsn) == []
 
@@ -195,11 +227,11 @@ def test_command_line_migrates_then_says_up_to_date(empty_dsn: str) -> None:
     """`python -m underway.migrations --dsn DSN` applies 1 and exits 0, then says up to date."""
     first = run_python(["-m", "underway.migrations", "--dsn", empty_dsn])
     assert first.returncode == 0, first
-    assert first.stdout.strip() == "underway: applied migrations 1", first
+    assert first.stdout.strip() == "underway: applied migrations 1, 2", first
     second = run_python(["-m", "underway.migrations", "--dsn", empty_dsn])
     assert second.returncode == 0, second
     assert "up to date" in second.stdout, second
-    assert migration_rows(empty_dsn) == [(1, "initial")]
+    assert migration_rows(empty_dsn) == ALL_MIGRATIONS
 
 
 def test_command_line_unreachable_database_one_line_no_password() -> None:
@@ -220,11 +252,16 @@ def test_command_line_unreachable_database_one_line_no_password() -> None:
 # ---------------------------------------------------------------------------- dequeue index
 
 
-READY_QUERY = (
-    "SELECT id FROM underway.task"
-    " WHERE state = 'pending' AND run_at <= now() AND job = ANY (ARRAY['enqueue-claim'])"
-    " ORDER BY priority DESC, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED"
-)
+def ready_query(cur: Any) -> str:
+    """The claim's inner SELECT, cut out of claim_task's own source, with its arguments
+    filled in: what EXPLAIN must show walking task_ready_idx."""
+    cur.execute(
+        "SELECT prosrc FROM pg_proc"
+        " WHERE proname = 'claim_task' AND pronamespace = 'underway'::regnamespace"
+    )
+    (source,) = cur.fetchone()
+    inner = source[source.index("SELECT c.id") : source.index("SKIP LOCKED") + len("SKIP LOCKED")]
+    return inner.replace("ANY (jobs)", "ANY (ARRAY['enqueue-claim'])")
 
 
 def plan_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -251,7 +288,7 @@ def assert_uses_ready_index(cur: Any, settings: Sequence[str] = ()) -> None:
         for setting in settings:
             name, _, value = setting.partition("=")
             cur.execute("SELECT set_config(%s, %s, true)", (name, value))
-        cur.execute(f"EXPLAIN (FORMAT JSON) {READY_QUERY}")
+        cur.execute(f"EXPLAIN (FORMAT JSON) {ready_query(cur)}")
         (raw,) = cur.fetchone()
     finally:
         cur.execute("ROLLBACK")

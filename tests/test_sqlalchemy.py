@@ -198,12 +198,6 @@ def test_other_drivers_are_refused(dsn: str, kind: str) -> None:
     assert tasks(dsn) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="bug in dbapi_connection(): an Engine or sessionmaker passed as conn= raises "
-    "AttributeError ('Engine' object has no attribute 'in_transaction'), not TypeError",
-)
 @pytest.mark.parametrize("kind", ["engine", "sessionmaker"])
 def test_engine_or_sessionmaker_is_refused_with_type_error(
     dsn: str, engine: Engine, kind: str
@@ -216,12 +210,6 @@ def test_engine_or_sessionmaker_is_refused_with_type_error(
     assert tasks(dsn) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the TypeError for another driver ends 'not Connection', the DBAPI class's bare "
-    "name, which reads as if the SQLAlchemy Connection itself were refused",
-)
 def test_other_driver_message_names_the_driver_given(dsn: str) -> None:
     """The message names the driver actually found (``sqlite3``), so the fix is obvious."""
     other = create_engine("sqlite://")

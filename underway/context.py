@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
+
+from .queries import QUERIES
 
 if TYPE_CHECKING:
     from .job import Job
@@ -30,6 +33,7 @@ class Context:
         attempt: int,
         max_attempts: int,
         scheduled_at: datetime | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._conn = conn
         self.in_transaction = False
@@ -45,15 +49,35 @@ class Context:
         self.max_attempts = max_attempts
         #: The tick this run serves, for a task enqueued by a schedule; else None.
         self.scheduled_at = scheduled_at
+        #: When the step's timeout runs out, on the ``time.monotonic()`` clock; or None.
+        self.deadline = deadline
 
     @property
     def connection(self) -> psycopg2.extensions.connection:
-        """The worker's connection, inside the step's transaction."""
+        """The worker's connection, inside the step's transaction.
+
+        Its statements cannot outlive the step's timeout: ``statement_timeout`` is set to
+        the time the step has left.
+        """
         if not self.in_transaction:
             with self._conn.cursor() as cur:
-                cur.execute("BEGIN")
+                if self.deadline is None:
+                    cur.execute("BEGIN")
+                else:
+                    left_ms = max(int((self.deadline - time.monotonic()) * 1000), 1)
+                    cur.execute(f"BEGIN; SET LOCAL statement_timeout = {left_ms}")
             self.in_transaction = True
         return self._conn
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether this task's cancellation was asked for while it ran. The worker stops
+        it after this step anyway; a long step may check this to stop sooner (return, or
+        raise). Each check asks the database."""
+        with self._conn.cursor() as cur:
+            cur.execute(QUERIES["cancel_requested"], {"id": self.task_id})
+            row = cur.fetchone()
+        return bool(row and row[0])
 
     def cursor(self, *args: Any, **kwargs: Any) -> psycopg2.extensions.cursor:
         """A new cursor on the step's transaction; arguments go to ``connection.cursor()``."""

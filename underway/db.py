@@ -23,7 +23,7 @@ import psycopg2.extensions
 from .errors import ConfigurationError, SchemaMissing
 from .queries import QUERIES
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """The newest migration this version of underway needs."""
 
 _configured_dsn: str | None = None
@@ -211,3 +211,65 @@ os.register_at_fork(after_in_child=_default.forget_inherited)
 def default_cursor(dsn: str | None = None) -> Any:
     """A cursor on the process-wide autocommit connection (see :class:`ProcessConnection`)."""
     return _default.cursor(dsn)
+
+
+def execute(cur: Any, sql: str, params: dict[str, Any]) -> None:
+    """Run a statement for a caller, turning a missing schema into :class:`SchemaMissing`."""
+    try:
+        cur.execute(sql, params)
+    except Exception as exc:
+        translated = translate_missing_schema(exc)
+        if translated is exc:
+            raise
+        raise translated from exc
+
+
+class _CallerCursor:
+    """A cursor in the caller's transaction, closed after use only if we opened it."""
+
+    def __init__(self, conn: Any):
+        self._given = dbapi_connection(conn)
+        self._opened: Any = None
+
+    def __enter__(self) -> Any:
+        if hasattr(self._given, "execute"):
+            return self._given
+        self._opened = self._given.cursor()
+        return self._opened
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._opened is not None:
+            self._opened.close()
+
+
+def dbapi_connection(conn: Any) -> Any:
+    """The psycopg2 connection or cursor behind ``conn``: a psycopg2 connection or cursor
+    as it is, or a SQLAlchemy ``Connection`` or ``Session`` (plain or scoped, as
+    Flask-SQLAlchemy's ``db.session``) unwrapped to the DBAPI connection of its current
+    transaction, beginning one if needed. SQLAlchemy itself is never imported."""
+    given = f"{type(conn).__module__}.{type(conn).__qualname__}"
+    if type(conn).__module__.startswith("sqlalchemy."):
+        if callable(getattr(conn, "connection", None)):  # a Session: its transaction's Connection
+            conn = conn.connection()
+        if not callable(getattr(conn, "in_transaction", None)):  # an Engine, a sessionmaker...
+            raise TypeError(
+                f"conn must be a SQLAlchemy Connection or Session, not {given}: the task "
+                "joins the transaction of the one you pass"
+            )
+        if not conn.in_transaction():
+            conn.begin()  # as the Connection's own execute() would: the caller commits it
+        pooled = conn.connection  # the pool's wrapper of the DBAPI connection
+        conn = getattr(pooled, "dbapi_connection", None) or pooled.connection
+        given = f"a SQLAlchemy connection whose driver gives {type(conn).__module__}"
+    if isinstance(conn, (psycopg2.extensions.connection, psycopg2.extensions.cursor)):
+        return conn
+    raise TypeError(
+        "conn must be a psycopg2 connection or cursor, or a SQLAlchemy Connection or Session "
+        f"using the psycopg2 driver (postgresql+psycopg2://), not {given}"
+    )
+
+
+def caller_cursor(conn: Any) -> Any:
+    """A cursor in the caller's transaction (``conn``), or, without one, on this process's
+    own autocommit connection."""
+    return default_cursor() if conn is None else _CallerCursor(conn)

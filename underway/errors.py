@@ -22,3 +22,12 @@ class ConfigurationError(UnderwayError):
 
 class SchemaMissing(UnderwayError):
     """The database has no underway schema, or an older one than this version needs."""
+
+
+class StepTimeout(BaseException):
+    """Raised inside a step that ran past its timeout, to stop it.
+
+    It derives from :class:`BaseException`, as :class:`KeyboardInterrupt` does, so that a
+    step's own ``except Exception:`` cannot swallow it. The try is recorded as timed out
+    and retried as the step's policy says.
+    """

@@ -14,10 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Union, overload
 
-import psycopg2.extensions
-
 from .cron import ZonedSchedule
-from .db import default_cursor, translate_missing_schema
+from .db import caller_cursor, execute
 from .errors import ConfigurationError
 from .queries import QUERIES
 from .retry import RetryPolicy
@@ -62,14 +60,26 @@ class To:
         return cls("done")
 
 
+DEFAULT_TIMEOUT = timedelta(minutes=15)
+"""How long a step may run unless its job or the step itself says otherwise."""
+
+DEFAULT_KEEP_FOR = timedelta(days=14)
+"""How long a finished task is kept unless its job says otherwise."""
+
+KEY_MODES = ("replace", "preserve_run_at", "keep")
+"""What an enqueue with a job key does to a pending task of the job holding the key."""
+
+
 @dataclass(frozen=True)
 class Step:
-    """One step of a job: the function and the retry policy that governs its tries."""
+    """One step of a job: the function, the retry policy that governs its tries, and how
+    long one try may run (seconds)."""
 
     index: int
     name: str
     function: StepFunction
     retry: RetryPolicy
+    timeout: float
 
 
 class Job:
@@ -90,9 +100,28 @@ class Job:
         renamed job leaves its queued tasks to workers that still know the old name.
     :param retry: the retry policy of every step that does not set its own.
     :param priority: the default priority of its tasks; higher runs first.
+    :param queue: the queue its tasks go to, which can be paused and resumed (default: the
+        job's name).
+    :param timeout: how long one try of a step may run, unless the step sets its own
+        (default: 15 minutes); a try over it is stopped and retried per the policy.
+    :param dead_letter_queue: where its tasks go when they fail for good, to be looked at
+        and re-driven (:func:`underway.admin.redrive`); by default they just fail.
+    :param keep_for: how long a finished task (and its attempts) is kept before retention
+        deletes it (default: 14 days). Tasks in a dead-letter queue are kept until
+        re-driven.
     """
 
-    def __init__(self, name: str, *, retry: RetryPolicy | None = None, priority: int = 0):
+    def __init__(
+        self,
+        name: str,
+        *,
+        retry: RetryPolicy | None = None,
+        priority: int = 0,
+        queue: str | None = None,
+        timeout: Delay = DEFAULT_TIMEOUT,
+        dead_letter_queue: str | None = None,
+        keep_for: Delay = DEFAULT_KEEP_FOR,
+    ):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"a job name must be a non-empty string, not {name!r}")
         if name in _registry:
@@ -104,6 +133,12 @@ class Job:
         self.name = name
         self.retry = retry or RetryPolicy()
         self.priority = priority
+        self.queue = _name_or_none(queue, f"job {name!r}: queue") or name
+        self.timeout = _positive(timeout, f"job {name!r}: timeout")
+        self.dead_letter_queue = _name_or_none(
+            dead_letter_queue, f"job {name!r}: dead_letter_queue"
+        )
+        self.keep_for = seconds(keep_for)
         self.steps: list[Step] = []
         _registry[name] = self
 
@@ -115,23 +150,35 @@ class Job:
 
     @overload
     def step(
-        self, function: None = None, *, retry: RetryPolicy | None = None
+        self,
+        function: None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: Delay = None,
     ) -> Callable[[StepFunction], StepFunction]: ...
 
     def step(
-        self, function: StepFunction | None = None, *, retry: RetryPolicy | None = None
+        self,
+        function: StepFunction | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        timeout: Delay = None,
     ) -> Any:
-        """Add a step: use as ``@job.step`` or ``@job.step(retry=RetryPolicy(...))``.
+        """Add a step: use as ``@job.step`` or ``@job.step(retry=..., timeout=...)``.
 
         Steps run in the order they are added. The function is returned unchanged, so it
-        can still be called directly in tests.
+        can still be called directly in tests. ``retry`` and ``timeout`` default to the
+        job's.
         """
+        limit = (
+            self.timeout if timeout is None else _positive(timeout, f"job {self.name!r}: timeout")
+        )
 
         def add(fn: StepFunction) -> StepFunction:
             if not callable(fn):
                 raise TypeError(f"job {self.name!r}: a step must be callable, not {fn!r}")
             name = getattr(fn, "__name__", repr(fn))
-            self.steps.append(Step(len(self.steps), name, fn, retry or self.retry))
+            self.steps.append(Step(len(self.steps), name, fn, retry or self.retry, limit))
             return fn
 
         return add(function) if function is not None else add
@@ -143,22 +190,45 @@ class Job:
         conn: Any = None,
         delay: Delay = None,
         priority: int | None = None,
+        key: str | None = None,
+        key_mode: str = "replace",
+        serial_queue: str | None = None,
     ) -> Task:
         """Enqueue a run of this job with ``input`` for its first step.
 
         Without ``conn`` the task is committed at once, in a short transaction of its own.
-        With ``conn`` (a psycopg2 connection or cursor) it is written in the caller's
-        transaction, and exists only once the caller commits.
+        With ``conn`` (a psycopg2 connection or cursor, or a SQLAlchemy connection or
+        session) it is written in the caller's transaction, and exists only once the
+        caller commits.
 
         :param input: any JSON-serialisable value; a ``TypeError`` or ``ValueError`` naming
             the job is raised, and nothing written, if it is not.
         :param delay: run no earlier than this long from now (timedelta or seconds).
         :param priority: overrides the job's priority; higher runs first.
+        :param key: a job key: at most one pending or running task of this job holds it.
+            If one is pending, ``key_mode`` says what happens: ``"replace"`` gives it this
+            input, delay and priority (debounce); ``"preserve_run_at"`` gives it this input
+            but keeps its run time (throttle); ``"keep"`` leaves it as it is (dedupe). A
+            running task holding the key hands it to the new task, except with ``"keep"``,
+            where the enqueue does nothing. The task returned is the one that holds the key.
+        :param serial_queue: tasks sharing a serial queue, of any job, run one at a time
+            in order (priority, then run time, then enqueue order).
         """
-        params = self._task_params(delay, priority)
+        params = self._task_params(delay, priority, serial_queue)
         params["input"] = self._to_json(input)
-        with _cursor(conn) as cur:
-            _execute(cur, QUERIES["enqueue"], params)
+        sql = QUERIES["enqueue"]
+        if key is not None:
+            if not isinstance(key, str) or not key:
+                raise TypeError(f"job {self.name!r}: key must be a non-empty string, not {key!r}")
+            if key_mode not in KEY_MODES:
+                raise ValueError(
+                    f"job {self.name!r}: key_mode must be one of {', '.join(KEY_MODES)}, "
+                    f"not {key_mode!r}"
+                )
+            params.update(key=key, key_mode=key_mode)
+            sql = QUERIES["enqueue_keyed"]
+        with caller_cursor(conn) as cur:
+            execute(cur, sql, params)
             (task_id,) = cur.fetchone()
         return Task(task_id, self.name)
 
@@ -169,6 +239,7 @@ class Job:
         conn: Any = None,
         delay: Delay = None,
         priority: int | None = None,
+        serial_queue: str | None = None,
     ) -> list[Task]:
         """Enqueue one run per input in a single statement: all of them or, on any error,
         none. Returns the tasks in the order of ``inputs``. Options are as for
@@ -181,10 +252,10 @@ class Job:
         inputs = list(inputs)
         if not inputs:
             return []
-        params = self._task_params(delay, priority)
+        params = self._task_params(delay, priority, serial_queue)
         params["inputs"] = self._to_json(inputs, what="an input in the batch")
-        with _cursor(conn) as cur:
-            _execute(cur, QUERIES["enqueue_many"], params)
+        with caller_cursor(conn) as cur:
+            execute(cur, QUERIES["enqueue_many"], params)
             ids = sorted(row[0] for row in cur.fetchall())
         return [Task(task_id, self.name) for task_id in ids]
 
@@ -225,15 +296,15 @@ class Job:
             "input": self._to_json(input),
             "catch_up": bool(catch_up),
         }
-        with _cursor(conn) as cur:
-            _execute(cur, QUERIES["store_schedule"], params)
+        with caller_cursor(conn) as cur:
+            execute(cur, QUERIES["store_schedule"], params)
         return parsed
 
     def unschedule(self, name: str = "default", *, conn: Any = None) -> bool:
         """Remove the schedule called ``name``; returns whether there was one. Tasks it
         already enqueued are not touched."""
-        with _cursor(conn) as cur:
-            _execute(cur, QUERIES["remove_schedule"], {"job": self.name, "name": name})
+        with caller_cursor(conn) as cur:
+            execute(cur, QUERIES["remove_schedule"], {"job": self.name, "name": name})
             return bool(cur.rowcount)
 
     def _check_steps(self) -> None:
@@ -242,7 +313,9 @@ class Job:
                 f"job {self.name!r} has no steps: add one with @{self.name}.step"
             )
 
-    def _task_params(self, delay: Delay, priority: int | None) -> dict[str, Any]:
+    def _task_params(
+        self, delay: Delay, priority: int | None, serial_queue: str | None = None
+    ) -> dict[str, Any]:
         self._check_steps()
         chosen = self.priority if priority is None else priority
         if isinstance(chosen, bool) or not isinstance(chosen, int):
@@ -256,6 +329,22 @@ class Job:
             "priority": chosen,
             "delay": seconds(delay),
             "max_attempts": self.steps[0].retry.max_attempts,
+            "queue": self.queue,
+            "serial_queue": _name_or_none(serial_queue, f"job {self.name!r}: serial_queue"),
+            "dead_letter_queue": self.dead_letter_queue,
+            "keep_for": self.keep_for,
+        }
+
+    def defaults(self) -> dict[str, Any]:
+        """What a task of this job takes unless told otherwise: stored by supervisors in
+        ``underway.job`` for enqueue from SQL and for the scheduler."""
+        return {
+            "name": self.name,
+            "queue": self.queue,
+            "priority": self.priority,
+            "max_attempts": self.steps[0].retry.max_attempts if self.steps else 5,
+            "dead_letter_queue": self.dead_letter_queue,
+            "keep_for": self.keep_for,
         }
 
     def _to_json(self, value: Any, what: str = "input") -> str:
@@ -300,6 +389,21 @@ def _unstorable_string(value: Any) -> str | None:
     return None
 
 
+def _name_or_none(value: Any, what: str) -> str | None:
+    """A queue name as given, or None; anything but a non-empty string is refused."""
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise TypeError(f"{what} must be a non-empty string, not {value!r}")
+    return value
+
+
+def _positive(value: Delay, what: str) -> float:
+    """A duration in seconds that must be more than zero."""
+    result = seconds(value)
+    if result <= 0:
+        raise ValueError(f"{what} must be more than zero, not {value!r}")
+    return result
+
+
 def seconds(delay: Delay) -> float:
     """A delay as seconds; a negative delay is refused rather than silently run at once."""
     if delay is None:
@@ -313,58 +417,6 @@ def seconds(delay: Delay) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"a delay must be finite and not negative: {delay!r}")
     return value
-
-
-def _execute(cur: Any, sql: str, params: dict[str, Any]) -> None:
-    try:
-        cur.execute(sql, params)
-    except Exception as exc:
-        translated = translate_missing_schema(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
-
-
-class _CallerCursor:
-    """A cursor in the caller's transaction, closed after use only if we opened it."""
-
-    def __init__(self, conn: Any):
-        self._given = dbapi_connection(conn)
-        self._opened: Any = None
-
-    def __enter__(self) -> Any:
-        if hasattr(self._given, "execute"):
-            return self._given
-        self._opened = self._given.cursor()
-        return self._opened
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self._opened is not None:
-            self._opened.close()
-
-
-def dbapi_connection(conn: Any) -> Any:
-    """The psycopg2 connection or cursor behind ``conn``: a psycopg2 connection or cursor
-    as it is, or a SQLAlchemy ``Connection`` or ``Session`` (plain or scoped, as
-    Flask-SQLAlchemy's ``db.session``) unwrapped to the DBAPI connection of its current
-    transaction, beginning one if needed. SQLAlchemy itself is never imported."""
-    if type(conn).__module__.startswith("sqlalchemy."):
-        if callable(getattr(conn, "connection", None)):  # a Session: its transaction's Connection
-            conn = conn.connection()
-        if not conn.in_transaction():
-            conn.begin()  # as the Connection's own execute() would: the caller commits it
-        pooled = conn.connection  # a Connection: the pool's wrapper of the DBAPI connection
-        conn = getattr(pooled, "dbapi_connection", None) or pooled.connection
-    if isinstance(conn, (psycopg2.extensions.connection, psycopg2.extensions.cursor)):
-        return conn
-    raise TypeError(
-        "conn must be a psycopg2 connection or cursor, or a SQLAlchemy Connection or Session "
-        f"using the psycopg2 driver (postgresql+psycopg2://), not {type(conn).__name__}"
-    )
-
-
-def _cursor(conn: Any) -> Any:
-    return default_cursor() if conn is None else _CallerCursor(conn)
 
 
 _registry: dict[str, Job] = {}

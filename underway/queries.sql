@@ -3,30 +3,45 @@
 
 -- name: enqueue
 -- Insert one task and return its id; the insert trigger wakes idle workers.
-INSERT INTO underway.task (job, input, priority, run_at, max_attempts)
+INSERT INTO underway.task (job, input, priority, run_at, max_attempts, queue, serial_queue,
+                           dead_letter_queue, keep_for)
 VALUES (%(job)s, %(input)s::jsonb, %(priority)s,
-        now() + make_interval(secs => %(delay)s), %(max_attempts)s)
+        now() + make_interval(secs => %(delay)s), %(max_attempts)s, %(queue)s,
+        %(serial_queue)s, %(dead_letter_queue)s, make_interval(secs => %(keep_for)s))
 RETURNING id;
+
+-- name: enqueue_keyed
+-- Enqueue one task with a job key (see underway.enqueue in the schema).
+SELECT underway.enqueue(
+    %(job)s, %(input)s::jsonb, %(delay)s, %(priority)s, %(max_attempts)s, %(key)s,
+    %(key_mode)s, %(serial_queue)s, %(queue)s, %(dead_letter_queue)s,
+    make_interval(secs => %(keep_for)s)
+);
 
 -- name: enqueue_many
 -- Insert many tasks of one job in one statement, in the order given.
-INSERT INTO underway.task (job, input, priority, run_at, max_attempts)
+INSERT INTO underway.task (job, input, priority, run_at, max_attempts, queue, serial_queue,
+                           dead_letter_queue, keep_for)
 SELECT %(job)s, item.value, %(priority)s,
-       now() + make_interval(secs => %(delay)s), %(max_attempts)s
+       now() + make_interval(secs => %(delay)s), %(max_attempts)s, %(queue)s,
+       %(serial_queue)s, %(dead_letter_queue)s, make_interval(secs => %(keep_for)s)
 FROM jsonb_array_elements(%(inputs)s::jsonb) WITH ORDINALITY AS item (value, n)
 ORDER BY item.n
 RETURNING id;
 
 -- name: claim_task
 -- Claim the next ready task of the given jobs (see underway.claim_task in the schema).
-SELECT id, job, step, input, attempts, max_attempts, scheduled_at
+SELECT id, job, step, input, attempts, max_attempts, scheduled_at, serial_queue
 FROM underway.claim_task(%(jobs)s, %(token)s, %(lease)s);
 
 -- name: seconds_until_due
 -- How long until the next pending task of these jobs is due; NULL when there is none.
+-- Tasks due for a while are left out: none was ready at the claim just before, so they
+-- wait for their queue (paused or serial), and a resume or a finished serial task wakes
+-- workers with NOTIFY.
 SELECT extract(epoch FROM run_at - now())::float8
 FROM underway.task
-WHERE state = 'pending' AND job = ANY (%(jobs)s)
+WHERE state = 'pending' AND job = ANY (%(jobs)s) AND run_at > now() - interval '0.25 s'
 ORDER BY run_at
 LIMIT 1;
 
@@ -34,7 +49,7 @@ LIMIT 1;
 -- Mark the claimed task succeeded and record the try, fenced on the claim token.
 WITH done AS (
     UPDATE underway.task
-    SET state = 'succeeded', finished_at = now(), claim_token = NULL,
+    SET state = 'succeeded', claim_token = NULL,
         lease_expires_at = NULL, error = NULL
     WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
     RETURNING id, step, attempts, started_at
@@ -42,9 +57,14 @@ WITH done AS (
 INSERT INTO underway.attempt (task_id, step, attempt, outcome, started_at)
 SELECT id, step, attempts, 'succeeded', started_at FROM done;
 
+-- name: cancel_requested
+-- Whether cancelling the task was asked for (Context.cancelled).
+SELECT cancel_requested_at IS NOT NULL FROM underway.task WHERE id = %(id)s;
+
 -- name: advance_task
 -- Move the claimed task on to its next step with the previous step's output,
--- fenced on the claim token. The try of the finished step is recorded.
+-- fenced on the claim token. The try of the finished step is recorded. Returns the
+-- task's new state: 'cancelled' when its cancellation was asked for meanwhile.
 WITH finished AS (
     SELECT id, step, attempts, started_at FROM underway.task
     WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
@@ -56,15 +76,18 @@ WITH finished AS (
         claim_token = NULL, lease_expires_at = NULL, error = NULL, started_at = NULL
     FROM finished
     WHERE t.id = finished.id
-    RETURNING t.id
+    RETURNING t.id, t.state
+), recorded AS (
+    INSERT INTO underway.attempt (task_id, step, attempt, outcome, started_at)
+    SELECT finished.id, finished.step, finished.attempts, 'succeeded', finished.started_at
+    FROM finished JOIN advanced USING (id)
 )
-INSERT INTO underway.attempt (task_id, step, attempt, outcome, started_at)
-SELECT finished.id, finished.step, finished.attempts, 'succeeded', finished.started_at
-FROM finished JOIN advanced USING (id);
+SELECT state::text FROM advanced;
 
 -- name: fail_task
--- Record a failed try of the claimed task; retry it at the given delay or fail it
--- for good. Fenced on the claim token.
+-- Record a failed (or timed-out) try of the claimed task; retry it at the given delay
+-- or fail it for good, into its dead-letter queue if it has one. Fenced on the claim
+-- token. Returns the task's new state.
 WITH failed AS (
     SELECT id, step, attempts, started_at FROM underway.task
     WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
@@ -74,16 +97,17 @@ WITH failed AS (
     SET state = CASE WHEN %(retry)s THEN 'pending' ELSE 'failed' END::underway.task_state,
         run_at = CASE WHEN %(retry)s THEN now() + make_interval(secs => %(delay)s)
                  ELSE t.run_at END,
-        finished_at = CASE WHEN %(retry)s THEN NULL ELSE now() END,
         claim_token = NULL, lease_expires_at = NULL, error = %(error)s
     FROM failed
     WHERE t.id = failed.id
-    RETURNING t.id
+    RETURNING t.id, t.state
+), recorded AS (
+    INSERT INTO underway.attempt (task_id, step, attempt, outcome, error, traceback, started_at)
+    SELECT failed.id, failed.step, failed.attempts, %(outcome)s, %(error)s, %(traceback)s,
+           failed.started_at
+    FROM failed JOIN updated USING (id)
 )
-INSERT INTO underway.attempt (task_id, step, attempt, outcome, error, traceback, started_at)
-SELECT failed.id, failed.step, failed.attempts, %(outcome)s, %(error)s, %(traceback)s,
-       failed.started_at
-FROM failed JOIN updated USING (id);
+SELECT state::text FROM updated;
 
 -- name: release_task
 -- Give back the task a dead worker held. A crash uses up the try (and fails the task
@@ -98,8 +122,6 @@ WITH held AS (
     SET state = CASE WHEN %(counts)s AND held.attempts >= held.max_attempts
                      THEN 'failed' ELSE 'pending' END::underway.task_state,
         attempts = CASE WHEN %(counts)s THEN held.attempts ELSE held.attempts - 1 END,
-        finished_at = CASE WHEN %(counts)s AND held.attempts >= held.max_attempts
-                           THEN now() END,
         run_at = now(), claim_token = NULL, lease_expires_at = NULL, error = %(error)s
     FROM held
     WHERE t.id = held.id
@@ -130,7 +152,6 @@ WITH expired AS (
     UPDATE underway.task AS t
     SET state = CASE WHEN expired.attempts >= expired.max_attempts
                      THEN 'failed' ELSE 'pending' END::underway.task_state,
-        finished_at = CASE WHEN expired.attempts >= expired.max_attempts THEN now() END,
         run_at = now(), claim_token = NULL, lease_expires_at = NULL,
         error = 'lease expired: the worker holding the task stopped renewing it'
     FROM expired
@@ -201,3 +222,95 @@ ON CONFLICT DO NOTHING;
 SELECT pg_terminate_backend(pid)
 FROM pg_stat_activity
 WHERE application_name = %(application_name)s AND pid <> pg_backend_pid();
+
+-- name: register_jobs
+-- Store the jobs a supervisor runs, with their tasks' defaults, for enqueue from SQL.
+INSERT INTO underway.job AS j (name, queue, priority, max_attempts, dead_letter_queue, keep_for)
+SELECT x.name, x.queue, x.priority, x.max_attempts, x.dead_letter_queue,
+       make_interval(secs => x.keep_for)
+FROM jsonb_to_recordset(%(jobs)s::jsonb) AS x (
+    name text, queue text, priority integer, max_attempts integer, dead_letter_queue text,
+    keep_for double precision
+)
+ON CONFLICT (name) DO UPDATE
+SET queue = excluded.queue, priority = excluded.priority, max_attempts = excluded.max_attempts,
+    dead_letter_queue = excluded.dead_letter_queue, keep_for = excluded.keep_for,
+    updated_at = now()
+WHERE (j.queue, j.priority, j.max_attempts, j.dead_letter_queue, j.keep_for)
+      IS DISTINCT FROM
+      (excluded.queue, excluded.priority, excluded.max_attempts, excluded.dead_letter_queue,
+       excluded.keep_for);
+
+-- name: cancel_task
+-- Cancel a task: a pending one at once (it never runs); a running one at its next step
+-- boundary. Returns its state afterwards, or nothing when it had finished already.
+UPDATE underway.task
+SET cancel_requested_at = coalesce(cancel_requested_at, now()),
+    state = CASE WHEN state = 'pending' THEN 'cancelled' ELSE state END
+WHERE id = %(id)s AND state IN ('pending', 'running')
+RETURNING state::text;
+
+-- name: task_status
+-- Where a task stands.
+SELECT id, job, state::text, step, attempts, max_attempts, queue, error,
+       cancel_requested_at IS NOT NULL, dead_letter_queue, created_at, run_at, finished_at
+FROM underway.task WHERE id = %(id)s;
+
+-- name: pause_queue
+-- Pause a queue: workers claim none of its tasks until it is resumed.
+INSERT INTO underway.paused_queue (queue) VALUES (%(queue)s) ON CONFLICT DO NOTHING;
+
+-- name: resume_queue
+-- Resume a paused queue and wake idle workers.
+WITH resumed AS (DELETE FROM underway.paused_queue WHERE queue = %(queue)s RETURNING queue)
+SELECT count(*), pg_notify('underway', '') FROM resumed;
+
+-- name: queue_summary
+-- Every queue with unfinished or dead-lettered tasks, or paused: its task counts by state,
+-- and whether it is paused.
+WITH counts AS (
+    SELECT coalesce(queue, job) AS queue,
+           count(*) FILTER (WHERE state = 'pending') AS pending,
+           count(*) FILTER (WHERE state = 'running') AS running,
+           count(*) FILTER (WHERE state = 'failed') AS failed
+    FROM underway.task
+    WHERE state IN ('pending', 'running', 'failed')
+    GROUP BY 1
+)
+SELECT coalesce(c.queue, p.queue), coalesce(c.pending, 0), coalesce(c.running, 0),
+       coalesce(c.failed, 0), p.queue IS NOT NULL
+FROM counts AS c
+FULL JOIN underway.paused_queue AS p ON p.queue = c.queue
+ORDER BY 1;
+
+-- name: dead_letters
+-- The tasks in a dead-letter queue, oldest first.
+SELECT id, job, step, input, attempts, error, finished_at
+FROM underway.task
+WHERE dead_letter_queue = %(queue)s AND state = 'failed'
+ORDER BY id;
+
+-- name: redrive
+-- Put tasks from a dead-letter queue back in their queue, each at the step that failed,
+-- with its tries renewed; its attempts so far stay in its history. All of them, or
+-- those whose ids are given.
+WITH redriven AS (
+    UPDATE underway.task
+    SET state = 'pending', attempts = 0, run_at = now(), error = NULL
+    WHERE dead_letter_queue = %(queue)s AND state = 'failed'
+      AND (%(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[]))
+    RETURNING id
+)
+SELECT id, pg_notify('underway', '') FROM redriven ORDER BY id;
+
+-- name: purge_expired
+-- Delete up to a batch of finished tasks whose retention ran out, with their attempts.
+-- Locked rows are skipped, so purging never waits on anyone.
+DELETE FROM underway.task
+WHERE id IN (
+    SELECT id FROM underway.task
+    WHERE expires_at <= now()
+    ORDER BY expires_at
+    LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+);

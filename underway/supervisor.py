@@ -7,8 +7,10 @@ Run it from a shell::
 It imports the modules named (which define jobs), forks the workers and one scheduler
 process (which enqueues the ticks of cron schedules, see :mod:`underway.scheduler`), and
 then only watches: it replaces a worker that died, gives back the task a dead worker held (it reads
-it from shared memory, see :mod:`underway.slots`), renews the leases of the tasks its
-workers hold, and releases tasks whose lease lapsed on any host.
+it from shared memory, see :mod:`underway.slots`), ends a worker whose step is stuck past its
+timeout where the worker cannot interrupt it, renews the leases of the tasks its workers hold,
+releases tasks whose lease lapsed on any host, and deletes finished tasks whose retention ran
+out.
 
 Signals:
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import os
 import select
@@ -61,6 +64,19 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 
 QUICK_DEATH = 5.0
 """A worker that dies sooner than this after starting is restarted with growing backoff."""
+
+TIMEOUT_KILL_AFTER = 5.0
+"""Seconds past a step's deadline before the supervisor kills its worker: the worker's own
+SIGALRM gets the first chance to stop the step cleanly."""
+
+PURGE_INTERVAL = 60.0
+"""Seconds between retention passes."""
+
+PURGE_BATCH = 500
+"""Finished tasks deleted per retention transaction: small, so no pass holds much."""
+
+PURGE_BATCHES = 20
+"""Retention transactions per pass at most; the rest waits for the next pass."""
 
 
 SCHEDULER = -1
@@ -96,6 +112,7 @@ class DeadChild:
     token: int
     counts: bool
     reason: str
+    outcome: str
 
 
 @dataclass
@@ -123,6 +140,7 @@ class Supervisor:
         self.restart_at: dict[int, float] = {}  # slot -> when to start it again
         self.crashes: dict[int, int] = {}  # slot -> quick deaths in a row
         self.killed_by_us: set[int] = set()  # pids cut off by our own shutdown
+        self.timed_out: set[int] = set()  # pids killed for a step stuck past its deadline
         self.unreleased: list[DeadChild] = []  # to clean up after, oldest first
         self.conn: psycopg2.extensions.connection | None = None
         self.stopping_at: float | None = None  # deadline of a graceful stop
@@ -131,12 +149,13 @@ class Supervisor:
         self.reload = False
         self._wake_r, self._wake_w = os.pipe()
         self._last_maintenance = 0.0
+        self._last_purge = 0.0
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self) -> int:
         """Start the workers and supervise them until stopped; returns the exit status."""
-        self.connection()
+        self.register_jobs()
         self._install_signal_handlers()
         log.info(
             "supervisor %s starting %d workers for jobs %s on %s",
@@ -179,6 +198,10 @@ class Supervisor:
     def wait_for_event(self) -> None:
         """Sleep until a signal or child exit arrives, or the next timer is due."""
         timeout = self.maintenance_interval()
+        deadlines = [deadline for _, _, deadline in self.held() if deadline]
+        if deadlines:
+            wake = min(deadlines) + TIMEOUT_KILL_AFTER - time.monotonic()
+            timeout = min(timeout, max(wake, 0))
         if self.restart_at:
             timeout = min(timeout, max(min(self.restart_at.values()) - time.monotonic(), 0))
         if self.stopping_at is not None:
@@ -312,16 +335,21 @@ class Supervisor:
         slot = process.slot
         ours = process.pid in self.killed_by_us
         self.killed_by_us.discard(process.pid)
+        timed_out = process.pid in self.timed_out
+        self.timed_out.discard(process.pid)
         how = describe_exit(status)
-        token, task_id = (0, 0) if slot == SCHEDULER else self.slots.read(slot)
+        token, task_id, _ = (0, 0, 0.0) if slot == SCHEDULER else self.slots.read(slot)
         if slot != SCHEDULER:
             self.slots.clear(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         if token or not clean:
             reason = f"worker process {process.pid} {how}"
-            if not ours:
+            if timed_out:
+                reason = f"the step ran past its timeout; {reason} by the supervisor"
+            elif not ours:
                 reason += " while running the step"
-            self.unreleased.append(DeadChild(process, token, counts=not ours, reason=reason))
+            outcome = "timed_out" if timed_out else "interrupted" if ours else "crashed"
+            self.unreleased.append(DeadChild(process, token, not ours, reason, outcome))
             self.release_unreleased()
         if clean or ours:
             log.info("%s %s", process.name, how)
@@ -399,7 +427,7 @@ class Supervisor:
                             {
                                 "token": dead.token,
                                 "counts": dead.counts,
-                                "outcome": "crashed" if dead.counts else "interrupted",
+                                "outcome": dead.outcome,
                                 "error": dead.reason,
                             },
                         )
@@ -416,8 +444,59 @@ class Supervisor:
         """Seconds between lease renewals; a third of the lease, so two can fail."""
         return min(max(self.options.lease / 3, 0.2), 10.0)
 
+    def held(self) -> list[tuple[int, int, float]]:
+        """(pid, task id, deadline) of every live worker holding a task."""
+        found = []
+        for process in self.processes.values():
+            if process.slot != SCHEDULER:
+                _, task_id, deadline = self.slots.read(process.slot)
+                if task_id:
+                    found.append((process.pid, task_id, deadline))
+        return found
+
+    def end_overdue(self) -> None:
+        """Kill workers whose step is stuck past its deadline, beyond the reach of their own
+        SIGALRM (a blocking C call); the try is recorded as timed out and counts."""
+        now = time.monotonic()
+        for pid, task_id, deadline in self.held():
+            if deadline and now > deadline + TIMEOUT_KILL_AFTER and pid not in self.timed_out:
+                log.error(
+                    "worker %s: task %s is %.1fs past its step's timeout; killing the worker",
+                    pid,
+                    task_id,
+                    now - deadline,
+                )
+                self.timed_out.add(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def register_jobs(self) -> None:
+        """Store our jobs and their tasks' defaults (``underway.job``), for enqueue from SQL
+        and the scheduler."""
+        jobs = [job.defaults() for job in self.jobs.values()]
+        with self.connection().cursor() as cur:
+            cur.execute(QUERIES["register_jobs"], {"jobs": json.dumps(jobs)})
+
+    def purge_expired(self, cur: psycopg2.extensions.cursor) -> None:
+        """Retention: delete finished tasks past their ``keep_for``, in small batches that
+        skip locked rows, so workers never wait on it."""
+        now = time.monotonic()
+        if now - self._last_purge < PURGE_INTERVAL:
+            return
+        self._last_purge = now
+        deleted = 0
+        for _ in range(PURGE_BATCHES):
+            cur.execute(QUERIES["purge_expired"], {"batch": PURGE_BATCH})
+            deleted += cur.rowcount
+            if cur.rowcount < PURGE_BATCH:
+                break
+        if deleted:
+            log.info("retention: deleted %d finished tasks past their keep_for", deleted)
+
     def maintain(self) -> None:
-        """Renew our workers' leases and release tasks whose lease lapsed anywhere."""
+        """End overdue steps, renew our workers' leases, release tasks whose lease lapsed
+        anywhere, and apply retention."""
+        self.end_overdue()
         now = time.monotonic()
         if now - self._last_maintenance < self.maintenance_interval():
             return
@@ -433,6 +512,7 @@ class Supervisor:
                 cur.execute(QUERIES["reclaim_expired"])
                 for task_id, _ in cur.fetchall():
                     log.warning("task %s released: its lease expired", task_id)
+                self.purge_expired(cur)
         except DATABASE_ERRORS as exc:
             log.warning("maintenance skipped, database unavailable: %s", exc)
             self.drop_connection()

@@ -14,12 +14,19 @@
 A step's effects, its completion and the enqueue of its next step thus commit together or
 not at all. When no task is ready, the worker waits on LISTEN/NOTIFY, and never longer
 than the poll interval or the time until the next delayed task is due.
+
+A step that runs past its timeout is interrupted by SIGALRM (raising
+:class:`~underway.errors.StepTimeout` in it); one stuck where Python cannot interrupt it
+(a blocking C call) is ended by the supervisor, which reads the step's deadline from the
+worker's slot.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Mapping
@@ -31,7 +38,7 @@ import psycopg2
 import psycopg2.extensions
 
 from .context import Context
-from .errors import Fatal
+from .errors import Fatal, StepTimeout
 from .job import Job, Step, To, to_json
 from .queries import QUERIES
 from .service import DATABASE_ERRORS, Service
@@ -57,6 +64,7 @@ class Claim:
     attempt: int
     max_attempts: int
     scheduled_at: datetime | None
+    serial_queue: str | None
     token: int
 
 
@@ -184,6 +192,10 @@ class Worker(Service):
         """Run the claimed task's step and commit its outcome with its effects."""
         job = self.jobs[claim.job]
         conn = self.connect()
+        step = job.steps[claim.step] if claim.step < len(job.steps) else None
+        timeout = step.timeout if step is not None else job.timeout
+        deadline = time.monotonic() + timeout
+        self.slots.post(self.slot, claim.token, claim.id, deadline)
         cx = Context(
             conn,
             task_id=claim.id,
@@ -192,8 +204,8 @@ class Worker(Service):
             attempt=claim.attempt,
             max_attempts=claim.max_attempts,
             scheduled_at=claim.scheduled_at,
+            deadline=deadline,
         )
-        step = job.steps[claim.step] if claim.step < len(job.steps) else None
         started = time.perf_counter()
         self._log("started", claim, step)
         try:
@@ -203,9 +215,10 @@ class Worker(Service):
                         f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
                         "were steps removed while tasks were queued?"
                     )
-                outcome, next_input = self._outcome(job, step, step.function(cx, claim.input))
+                result = run_with_timeout(step.function, cx, claim.input, timeout)
+                outcome, next_input = self._outcome(job, step, result)
                 event, details = self._finish(conn, cx, claim, outcome, next_input)
-            except Exception as exc:
+            except (Exception, StepTimeout) as exc:
                 if conn.closed:
                     raise
                 event, details = self._fail(conn, cx, claim, step, exc)
@@ -266,12 +279,16 @@ class Worker(Service):
         with conn.cursor() as cur:
             cur.execute(sql, params)
             lost = cur.rowcount != 1
+            state = cur.fetchone()[0] if next_input is not None and not lost else None
             if cx.in_transaction:
                 cur.execute("ROLLBACK" if lost else "COMMIT")
-            if outcome.wait and not lost:
+            if not lost and (outcome.wait or claim.serial_queue):
+                # Wake idle workers: for the next step later, or the serial queue's next task.
                 cur.execute("SELECT pg_notify('underway', '')")
         if lost:
             return "lost", {"error": LOST}
+        if state == "cancelled":
+            return "cancelled", {}
         return ("succeeded" if next_input is None else "advanced"), {}
 
     def _fail(
@@ -282,12 +299,14 @@ class Worker(Service):
         step: Step | None,
         exc: Exception,
     ) -> tuple[str, dict[str, Any]]:
-        """Roll back the step's writes, then record the failed try: retry later or give up.
-        The task row's ``max_attempts`` decides, as it does for crashes and lost leases."""
+        """Roll back the step's writes, then record the failed (or timed-out) try: retry
+        later or give up. The task row's ``max_attempts`` decides, as it does for crashes
+        and lost leases."""
         retry = (
             not isinstance(exc, Fatal) and step is not None and claim.attempt < claim.max_attempts
         )
         delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
+        timed_out = isinstance(exc, StepTimeout)
         error = f"{type(exc).__name__}: {exc}"
         with conn.cursor() as cur:
             if cx.in_transaction:
@@ -301,14 +320,18 @@ class Worker(Service):
                     "delay": delay,
                     "error": error,
                     "traceback": traceback.format_exc(),
-                    "outcome": "failed",
+                    "outcome": "timed_out" if timed_out else "failed",
                 },
             )
             if cur.rowcount != 1:
                 return "lost", {"error": f"{LOST} (the step failed: {error})"}
-            if retry:
+            (state,) = cur.fetchone()
+            if state == "pending" or claim.serial_queue:
                 cur.execute("SELECT pg_notify('underway', '')")
-                return "retrying", {"error": error, "delay": delay}
+        if state == "pending":
+            return "retrying", {"error": error, "delay": delay}
+        if state == "cancelled":
+            return "cancelled", {"error": error}
         return "failed", {"error": error}
 
     def give_back_orphan(self) -> None:
@@ -361,7 +384,7 @@ class Worker(Service):
         if error is not None:
             message += " error=%s"
             args.append(error)
-        level = logging.WARNING if event in ("retrying", "failed", "lost") else logging.INFO
+        level = logging.INFO if event in ("started", "succeeded", "advanced") else logging.WARNING
         log.log(
             level,
             message,
@@ -374,3 +397,50 @@ class Worker(Service):
                 "attempt": claim.attempt,
             },
         )
+
+
+class _StepClock(threading.local):
+    """Whether this thread is inside a step that SIGALRM may interrupt."""
+
+    armed = False
+    timeout = 0.0
+
+
+_clock = _StepClock()
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    """SIGALRM: the running step is over its time. Outside a step (the alarm raced the
+    step's return) there is nothing to stop; :func:`run_with_timeout` sees it is late."""
+    if _clock.armed:
+        _clock.armed = False
+        raise StepTimeout(f"the step ran past its timeout of {_clock.timeout:g}s")
+
+
+def run_with_timeout(function: Any, cx: Context, inp: Any, timeout: float) -> Any:
+    """Call a step, interrupting it with :class:`StepTimeout` once ``timeout`` seconds pass.
+
+    SIGALRM does the interrupting, so only in the main thread, and only when nobody else
+    uses the timer (a test runner's own timeout, say): there the step runs unbounded, and
+    only the supervisor's deadline stands. A step that returns late, having swallowed the
+    interruption, has timed out all the same.
+    """
+    usable = (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, _on_alarm)
+        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    )
+    started = time.monotonic()
+    if usable:
+        signal.signal(signal.SIGALRM, _on_alarm)
+        _clock.armed, _clock.timeout = True, timeout
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+    try:
+        result = function(cx, inp)
+    finally:
+        if usable:
+            _clock.armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    if time.monotonic() - started > timeout:
+        raise StepTimeout(f"the step ran past its timeout of {timeout:g}s")
+    return result
