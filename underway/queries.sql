@@ -252,7 +252,7 @@ RETURNING state::text;
 
 -- name: task_status
 -- Where a task stands.
-SELECT id, job, state::text, step, attempts, max_attempts, queue, error,
+SELECT id, job, state::text, step, attempts, max_attempts, coalesce(queue, job), error,
        cancel_requested_at IS NOT NULL, dead_letter_queue, created_at, run_at, finished_at
 FROM underway.task WHERE id = %(id)s;
 
@@ -314,3 +314,15 @@ WHERE id IN (
     LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 );
+
+-- name: run_delayed_now
+-- Make every delayed task of these jobs due now (testing.drain); returns how many.
+UPDATE underway.task SET run_at = now()
+WHERE state = 'pending' AND job = ANY (%(jobs)s) AND run_at > now();
+
+-- name: last_failure
+-- The error and traceback of a task's last failed try.
+SELECT error, traceback FROM underway.attempt
+WHERE task_id = %(id)s AND outcome <> 'succeeded'
+ORDER BY id DESC
+LIMIT 1;

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 import psycopg2
 import psycopg2.extensions
 
+from .admin import purge_expired
 from .db import check_schema, close_quietly, connect, redact_dsn, resolve_dsn
 from .errors import UnderwayError
 from .job import Job, registered_jobs
@@ -477,19 +478,16 @@ class Supervisor:
         with self.connection().cursor() as cur:
             cur.execute(QUERIES["register_jobs"], {"jobs": json.dumps(jobs)})
 
-    def purge_expired(self, cur: psycopg2.extensions.cursor) -> None:
-        """Retention: delete finished tasks past their ``keep_for``, in small batches that
-        skip locked rows, so workers never wait on it."""
+    def purge_expired(self) -> None:
+        """Retention, once a minute: delete finished tasks past their ``keep_for`` in small
+        batches that skip locked rows, so workers never wait on it."""
         now = time.monotonic()
         if now - self._last_purge < PURGE_INTERVAL:
             return
         self._last_purge = now
-        deleted = 0
-        for _ in range(PURGE_BATCHES):
-            cur.execute(QUERIES["purge_expired"], {"batch": PURGE_BATCH})
-            deleted += cur.rowcount
-            if cur.rowcount < PURGE_BATCH:
-                break
+        deleted = purge_expired(
+            conn=self.connection(), batch=PURGE_BATCH, max_batches=PURGE_BATCHES
+        )
         if deleted:
             log.info("retention: deleted %d finished tasks past their keep_for", deleted)
 
@@ -512,7 +510,7 @@ class Supervisor:
                 cur.execute(QUERIES["reclaim_expired"])
                 for task_id, _ in cur.fetchall():
                     log.warning("task %s released: its lease expired", task_id)
-                self.purge_expired(cur)
+            self.purge_expired()
         except DATABASE_ERRORS as exc:
             log.warning("maintenance skipped, database unavailable: %s", exc)
             self.drop_connection()

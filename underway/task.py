@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -37,10 +38,8 @@ class Task:
         ``conn`` is as for :meth:`Job.enqueue <underway.Job.enqueue>`: without it, the
         process's own connection reads the committed state.
         """
-        with caller_cursor(conn) as cur:
-            execute(cur, QUERIES["task_status"], {"id": self.id})
-            row = cur.fetchone()
-        return None if row is None else TaskState(row[2])
+        info = task_info(self.id, conn=conn)
+        return None if info is None else info.state
 
     def cancel(self, *, conn: Any = None) -> bool:
         """Cancel the task: a pending one never runs; a running one finishes the step it is
@@ -50,6 +49,42 @@ class Task:
         Returns whether the task is, or is about to be, cancelled; ``False`` when it had
         finished already (succeeded, failed or cancelled before).
         """
-        with caller_cursor(conn) as cur:
-            execute(cur, QUERIES["cancel_task"], {"id": self.id})
-            return cur.fetchone() is not None
+        return cancel_task(self.id, conn=conn)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as stored: what ``python -m underway.admin status`` shows."""
+
+    id: int
+    job: str
+    state: TaskState
+    #: The step it is at (from 0), and the tries of that step so far.
+    step: int
+    attempts: int
+    max_attempts: int
+    queue: str
+    #: The last failed try's error, if any.
+    error: str | None
+    cancel_requested: bool
+    dead_letter_queue: str | None
+    created_at: datetime
+    run_at: datetime
+    finished_at: datetime | None
+
+
+def task_info(task_id: int, *, conn: Any = None) -> TaskInfo | None:
+    """The task with this id, or ``None`` when there is none (or no longer)."""
+    with caller_cursor(conn) as cur:
+        execute(cur, QUERIES["task_status"], {"id": task_id})
+        row = cur.fetchone()
+    if row is None:
+        return None
+    return TaskInfo(*row[:2], TaskState(row[2]), *row[3:])
+
+
+def cancel_task(task_id: int, *, conn: Any = None) -> bool:
+    """Cancel a task by id (see :meth:`Task.cancel`)."""
+    with caller_cursor(conn) as cur:
+        execute(cur, QUERIES["cancel_task"], {"id": task_id})
+        return cur.fetchone() is not None

@@ -1,0 +1,98 @@
+"""Helpers for your own test suite: run tasks in the test's process, against your test
+database, with the same transactions as a real worker.
+
+::
+
+    from underway.testing import drain, run_inline
+
+    def test_signup_sends_one_welcome_email(db):
+        task = run_inline(welcome_email, {"user_id": 42})   # every step, retries included
+        assert task.status() == "succeeded"
+
+    def test_signup_endpoint(client, db):
+        client.post("/signup", json={"email": "ferris@example.com"})
+        assert drain() == 1                                  # ran the task it enqueued
+
+Steps run in the calling thread, one task per transaction, exactly as in a worker: their
+writes through ``cx`` commit with their completion. Delays (``To.delay``, retry backoff)
+are skipped, so a test never waits; step timeouts are enforced only where the test runner
+leaves SIGALRM free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from .db import default_cursor, resolve_dsn
+from .errors import UnderwayError
+from .job import Job, registered_jobs
+from .queries import QUERIES
+from .task import Task, TaskState, task_info
+from .worker import Worker
+
+
+class TaskFailed(UnderwayError):
+    """A task run by :func:`run_inline` failed for good; the message holds the last error
+    and its traceback."""
+
+
+def drain(
+    jobs: Iterable[Job] | None = None,
+    *,
+    dsn: str | None = None,
+    run_delayed: bool = True,
+    limit: int = 10_000,
+) -> int:
+    """Run tasks of ``jobs`` (default: every job defined) until none is left to run;
+    returns how many steps ran.
+
+    :param run_delayed: make delayed tasks (later steps, retries) due at once rather than
+        stopping when only those are left.
+    :param limit: give up (:class:`RuntimeError`) after this many steps: a job that keeps
+        enqueueing itself would otherwise never let the test end.
+    """
+    chosen = registered_jobs() if jobs is None else {job.name: job for job in jobs}
+    worker = Worker(resolve_dsn(dsn), chosen, burst=True)
+    ran = 0
+    try:
+        while True:
+            if worker.run_once():
+                ran += 1
+                if ran >= limit:
+                    raise RuntimeError(
+                        f"drain ran {limit} steps and tasks keep coming: does a job enqueue "
+                        "itself? Pass a higher limit= if this is expected"
+                    )
+                continue
+            if not run_delayed:
+                break
+            with worker.connect().cursor() as cur:
+                cur.execute(QUERIES["run_delayed_now"], {"jobs": worker.job_names})
+                if not cur.rowcount:
+                    break
+    finally:
+        worker.disconnect()
+    return ran
+
+
+def run_inline(
+    job: Job, input: Any = None, *, dsn: str | None = None, raise_on_failure: bool = True
+) -> Task:
+    """Enqueue a run of ``job`` and run it to the end in this process: every step, with
+    retries at once instead of after their backoff. Other ready tasks of the same job run
+    too (a test database usually has none).
+
+    :raises TaskFailed: when the task failed for good, with its last error and traceback
+        (unless ``raise_on_failure=False``; check ``task.status()`` then).
+    """
+    with default_cursor(dsn) as cur:
+        task = job.enqueue(input, conn=cur)
+    drain([job], dsn=dsn)
+    with default_cursor(dsn) as cur:
+        info = task_info(task.id, conn=cur)
+        if not raise_on_failure or info is None or info.state is not TaskState.FAILED:
+            return task
+        cur.execute(QUERIES["last_failure"], {"id": task.id})
+        error, trace = cur.fetchone() or (info.error, None)
+    raise TaskFailed(f"task {task.id} of job {job.name!r} failed: {error}\n{trace or ''}")
