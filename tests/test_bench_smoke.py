@@ -1,0 +1,95 @@
+"""CI smoke run of the benchmark suite (``bench/run.py --smoke``): underway only, a few
+hundred tasks, on the test server; it must write valid JSON with every expected key, and
+skip peers whose library is missing with a reason instead of failing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(dsn: str, out: Path, *extra: str, env: dict | None = None) -> dict:
+    """Run the bench script as CI would and return its results.json."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "run.py"),
+            "--smoke",
+            "--dsn",
+            dsn,
+            "--out",
+            str(out),
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_smoke_run_writes_every_figure(dsn: str, tmp_path: Path) -> None:
+    results = run_bench(dsn, tmp_path)
+
+    assert set(results) >= {"meta", "figures", "skipped", "errors", "targets", "round_trips"}
+    assert results["errors"] == []
+    meta = results["meta"]
+    assert meta["mode"] == "smoke"
+    assert meta["machine"]["cpu_count"] >= 1
+    assert meta["postgresql"]["server_version"]
+    assert "underway" in meta["versions"]
+
+    ids = {f["id"] for f in results["figures"]}
+    expected = {
+        "drain/underway/w1",
+        "drain/underway/w2",
+        "drain/underway_async/w2",
+        "drain/underway_twostep/w2",
+        "drain/underway_finished/w2",
+        "enqueue_single/underway",
+        "enqueue_batched/underway",
+        "enqueue_single/psycopg2_commit",
+        "latency_p50/underway/w2",
+        "latency_p99/underway/w2",
+        "latency_stalls/underway/w2",
+        "rss_growth/underway/w2",
+    }
+    assert expected <= ids, expected - ids
+    for figure in results["figures"]:
+        assert {"metric", "peer", "label", "value", "unit", "conditions"} <= set(figure)
+        assert isinstance(figure["value"], (int, float)) and not math.isnan(figure["value"])
+        if figure["metric"] != "latency_stalls":
+            assert figure["value"] >= 0 if figure["metric"] == "rss_growth" else figure["value"] > 0
+    underway = next(f for f in results["figures"] if f["id"] == "drain/underway/w2")
+    assert underway["ratio_to_underway"] == 1.0
+    assert underway["conditions"]["tasks"] == 300
+
+    # The worker's no-op task costs two statements: the claim and the completion.
+    assert results["round_trips"]["underway_per_task"]["per_task"] == 2
+    assert {t["target"] for t in results["targets"]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_missing_peers_are_skipped_with_a_reason(dsn: str, tmp_path: Path) -> None:
+    # RQ needs its library and redis-server, looked up on PATH: with PATH emptied, RQ is
+    # skipped here as it is in CI (where the bench extras are not installed), with a reason,
+    # and the run still succeeds.
+    results = run_bench(dsn, tmp_path, "--only", "rq", env={**os.environ, "PATH": ""})
+    skipped = {s["what"]: s["reason"] for s in results["skipped"]}
+    assert set(skipped) == {"RQ (forking Worker)", "RQ (SimpleWorker)"}
+    assert all("redis-server" in r or "not installed" in r for r in skipped.values()), skipped
+    assert results["figures"] == [] and results["errors"] == []
