@@ -118,7 +118,7 @@ def test_python_and_sql_samples_run_in_order(dsn: str) -> None:
         elif block.language == "sql":
             for statement in filter(str.strip, block.code.split(";")):
                 parts.append(f"underway_prelude.cursor().execute({statement.strip()!r})")
-    program = "\n\n".join(parts + [EPILOGUE]).replace(EXAMPLE_DSN, dsn)
+    program = "\n\n".join([*parts, EPILOGUE]).replace(EXAMPLE_DSN, dsn)
     result = run_python(program, env={"DATABASE_URL": dsn}, timeout=100)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "passed test_receipt_is_generated_once" in result.stdout
