@@ -76,7 +76,49 @@ def test_burst_runs_every_ready_task_exactly_once_then_exits(fdsn: str) -> None:
         assert (row["state"], row["attempts"], row["started_at"]) == ("pending", 0, None)
 
 
+@pytest.mark.timeout(60)
+def test_max_tasks_replaces_each_worker_after_that_many_tasks(fdsn: str) -> None:
+    """--max-tasks 3: a worker exits after its third task and a fresh process takes its slot;
+    every task still runs exactly once."""
+    tasks = jobs_faults.two_step.enqueue_many([{"n": i} for i in range(5)])
+    with supervisor(fdsn, "--max-tasks", "3", workers=1) as sup:
+        wait_until(
+            lambda: states(fdsn, "faults-two-step") == {"succeeded": 5},
+            timeout=30,
+            message=f"all tasks done: {sup!r}",
+        )
+        sup.signal(signal.SIGTERM)
+        assert sup.wait(20) == 0, sup
+        assert "ran 3 tasks: exiting to be replaced" in sup.output()
+    runs = effects(fdsn)
+    assert sorted((task_id, step) for task_id, step, _ in runs) == sorted(
+        (t.id, step) for t in tasks for step in (0, 1)
+    )
+    pids = [pid for (pid,) in sql(fdsn, "SELECT pid FROM faults_effect ORDER BY id")]
+    # 10 steps, a fresh process every 3: pids change after the 3rd, 6th and 9th step.
+    assert [len(set(pids[i : i + 3])) for i in range(0, 9, 3)] == [1, 1, 1]
+    assert len(set(pids)) == 4
+
+
 # -- start-up errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lease", "0"], "--lease must be a number of seconds more than 0"),
+        (["--lease", "nan"], "--lease must be a number of seconds more than 0"),
+        (["--poll-interval", "-1"], "--poll-interval must be a number of seconds more than 0"),
+        (["--grace", "-5"], "--grace must be a number of seconds, 0 or more"),
+        (["--max-tasks", "0"], "--max-tasks must be at least 1"),
+        (["--workers", "0"], "--workers must be at least 1"),
+    ],
+)
+def test_bad_options_exit_2_saying_what_is_wrong(args: list[str], message: str) -> None:
+    """Nonsense option values are refused before anything starts, naming the option."""
+    result = run_python(["-m", "underway.supervisor", MODULE, *args])
+    assert result.returncode == 2, result
+    assert message in result.stderr, result.stderr
 
 
 def _one_line(text: str) -> str:

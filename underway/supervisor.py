@@ -127,6 +127,7 @@ class SupervisorOptions:
     lease: float = 30.0
     scheduler: bool = True
     async_commit: bool = False
+    max_tasks: int | None = None
 
 
 class Supervisor:
@@ -313,6 +314,7 @@ class Supervisor:
             lease=self.options.lease,
             burst=self.options.burst,
             async_commit=self.options.async_commit,
+            max_tasks=self.options.max_tasks,
             slots=self.slots,
             slot=slot,
             wakeup_fd=wakeup_fd,
@@ -584,10 +586,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="commit steps with synchronous_commit=off: faster; a database crash may make "
         "the last steps run again (see the README)",
     )
+    parser.add_argument(
+        "--max-tasks",
+        type=int,
+        metavar="N",
+        help="replace each worker process after it ran N tasks (default: never)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.max_tasks is not None and args.max_tasks < 1:
+        parser.error("--max-tasks must be at least 1")
+    for option, value in [("--lease", args.lease), ("--poll-interval", args.poll_interval)]:
+        if not value > 0 or value == float("inf"):
+            parser.error(f"{option} must be a number of seconds more than 0, not {value}")
+    if not 0 <= args.grace < float("inf"):
+        parser.error(f"--grace must be a number of seconds, 0 or more, not {args.grace}")
     return args
 
 
@@ -625,6 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             lease=args.lease,
             scheduler=args.scheduler,
             async_commit=args.async_commit,
+            max_tasks=args.max_tasks,
         )
     except (UnderwayError, psycopg2.OperationalError) as exc:
         print(f"underway: {exc}".strip(), file=sys.stderr)
@@ -642,6 +658,7 @@ def run_workers(
     lease: float = 30.0,
     scheduler: bool = True,
     async_commit: bool = False,
+    max_tasks: int | None = None,
 ) -> int:
     """Supervise worker processes from this process, as ``python -m underway.supervisor``
     does; blocks until stopped and returns the exit status.
@@ -655,6 +672,7 @@ def run_workers(
         (never in burst mode).
     :param async_commit: commit steps with ``synchronous_commit = off`` (see
         :class:`~underway.worker.Worker`).
+    :param max_tasks: replace each worker process after it ran this many tasks.
     :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
     """
     options = SupervisorOptions(
@@ -665,6 +683,7 @@ def run_workers(
         lease=lease,
         scheduler=scheduler,
         async_commit=async_commit,
+        max_tasks=max_tasks,
     )
     chosen = registered_jobs() if jobs is None else dict(jobs)
     return Supervisor(resolve_dsn(dsn), chosen, options).run()

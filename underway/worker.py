@@ -24,6 +24,7 @@ worker's slot.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
 import threading
@@ -83,6 +84,8 @@ class Worker(Service):
     :param async_commit: commit step transactions with ``synchronous_commit = off``: much
         faster, and still all-or-nothing, but a server *crash* (not a restart) may forget
         the last moments of committed steps, which then run again.
+    :param max_tasks: stop after running this many tasks, for the supervisor to start a
+        fresh process: a bound on what a leaky step can hold on to.
     :param slots: shared memory to post held tasks to the supervisor, and this
         worker's ``slot`` index in it.
     :param wakeup_fd: a file descriptor that becomes readable when a signal arrives, so an
@@ -102,6 +105,7 @@ class Worker(Service):
         lease: float = 30.0,
         burst: bool = False,
         async_commit: bool = False,
+        max_tasks: int | None = None,
         slots: Slots | None = None,
         slot: int = 0,
         wakeup_fd: int | None = None,
@@ -113,6 +117,8 @@ class Worker(Service):
         self.lease = lease
         self.burst = burst
         self.async_commit = async_commit
+        self.max_tasks = max_tasks
+        self.tasks_run = 0
         self.slots = slots or Slots(1)
         self.slot = slot if slots else 0
         # A claim (token, reason, whether the try counts) held when the connection broke,
@@ -122,6 +128,12 @@ class Worker(Service):
     def turn(self) -> None:
         """Run one ready task; with none ready, wait for one (or stop, in burst mode)."""
         if self.run_once():
+            self.tasks_run += 1
+            if self.max_tasks is not None and self.tasks_run >= self.max_tasks:
+                log.info(
+                    "worker %s ran %d tasks: exiting to be replaced", os.getpid(), self.tasks_run
+                )
+                self.stop()
             return
         if self.burst:
             self.stop()
