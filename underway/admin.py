@@ -53,6 +53,9 @@ class QueueSummary:
     running: int
     failed: int
     paused: bool
+    #: Seconds its oldest ready task has waited (``None`` when none is ready): the number to
+    #: alert on, as it grows when workers fall behind or stop.
+    lag: float | None
 
 
 @dataclass(frozen=True)
@@ -185,9 +188,17 @@ def _run(args: argparse.Namespace) -> int:
     """Carry out one parsed command."""
     if args.command == "queues":
         rows = [
-            (q.queue, q.pending, q.running, q.failed, "yes" if q.paused else "") for q in queues()
+            (
+                q.queue,
+                q.pending,
+                q.running,
+                q.failed,
+                "yes" if q.paused else "",
+                "" if q.lag is None else f"{q.lag:.1f}s",
+            )
+            for q in queues()
         ]
-        _print_rows(["QUEUE", "PENDING", "RUNNING", "FAILED", "PAUSED"], rows)
+        _print_rows(["QUEUE", "PENDING", "RUNNING", "FAILED", "PAUSED", "LAG"], rows)
     elif args.command == "pause":
         pause(args.queue)
         print(f"paused queue {args.queue!r}")

@@ -266,19 +266,21 @@ WITH resumed AS (DELETE FROM underway.paused_queue WHERE queue = %(queue)s RETUR
 SELECT count(*), pg_notify('underway', '') FROM resumed;
 
 -- name: queue_summary
--- Every queue with unfinished or dead-lettered tasks, or paused: its task counts by state,
--- and whether it is paused.
+-- Every queue with unfinished or failed tasks, or paused: its task counts by state,
+-- whether it is paused, and its lag (how long its oldest ready task has waited).
 WITH counts AS (
     SELECT coalesce(queue, job) AS queue,
            count(*) FILTER (WHERE state = 'pending') AS pending,
            count(*) FILTER (WHERE state = 'running') AS running,
-           count(*) FILTER (WHERE state = 'failed') AS failed
+           count(*) FILTER (WHERE state = 'failed') AS failed,
+           extract(epoch FROM now() - min(run_at) FILTER (
+               WHERE state = 'pending' AND run_at <= now()))::float8 AS lag
     FROM underway.task
     WHERE state IN ('pending', 'running', 'failed')
     GROUP BY 1
 )
 SELECT coalesce(c.queue, p.queue), coalesce(c.pending, 0), coalesce(c.running, 0),
-       coalesce(c.failed, 0), p.queue IS NOT NULL
+       coalesce(c.failed, 0), p.queue IS NOT NULL, c.lag
 FROM counts AS c
 FULL JOIN underway.paused_queue AS p ON p.queue = c.queue
 ORDER BY 1;
