@@ -346,6 +346,8 @@ class Peer(ABC):
     bursts: bool = True
     #: Whether this is underway itself (highlighted; the baseline of ratios).
     is_underway: bool = False
+    #: At most this many tasks per drain run, for a peer too slow for the full count.
+    max_drain_tasks: int | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @abstractmethod

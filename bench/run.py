@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -89,6 +90,7 @@ class Run:
         self.skipped: list[dict[str, str]] = []
         self.errors: list[dict[str, str]] = []
         self.extra: dict[str, Any] = {}
+        self.load_at_start = [round(x, 2) for x in os.getloadavg()]
         self.server = Server.start(args.dsn)
         self.peers = self._available_peers()
 
@@ -209,7 +211,7 @@ class Run:
 
     def drain(self, peer: Peer, workers: int) -> None:
         """Drain throughput of pre-enqueued no-op tasks."""
-        n = self.sizes.drain_tasks
+        n = min(self.sizes.drain_tasks, peer.max_drain_tasks or self.sizes.drain_tasks)
         runs = self.repeated(lambda: harness.measure_drain(self.server, peer, workers, n))
         unit = "jobs/s" if peer.steps > 1 else "tasks/s"
         self.add(
@@ -340,6 +342,8 @@ class Run:
             "command": " ".join(["python", "bench/run.py", *argv]),
             "mode": self.mode,
             "sizes": asdict(self.sizes),
+            "load_average_at_start": self.load_at_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
             "started_at": datetime.datetime.fromtimestamp(started, datetime.timezone.utc).isoformat(
                 timespec="seconds"
             ),
@@ -353,6 +357,7 @@ class Run:
                 "python": platform.python_version(),
             },
             "postgresql": self.server.describe(),
+            "underway_source": _source(),
             "versions": versions,
             "peer_settings": {p.key: {"label": p.label, **p.settings(2)} for p in self.peers},
             "measuring": {
@@ -369,6 +374,27 @@ class Run:
         }
 
 
+def _source() -> dict[str, Any]:
+    """Which underway was measured: its path, and the git commit of the tree it is in."""
+    import subprocess
+
+    import underway
+
+    found: dict[str, Any] = {"path": str(Path(underway.__file__).parent)}
+    git = ["git", "-C", str(harness.REPO)]
+    try:
+        found["git_commit"] = subprocess.run(
+            [*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "underway"], capture_output=True, text=True, check=True
+        ).stdout
+        found["uncommitted_changes_in_underway"] = bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        found["git_commit"] = None
+    return found
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -383,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the suite; returns 0 when every attempted measurement succeeded."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    # A stop request unwinds like Ctrl-C, so workers, Redis and the server are cleaned up.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.time()
     run = Run(args)
     try:
