@@ -243,11 +243,6 @@ def test_database_without_the_schema(empty_dsn, command):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the missing-schema message embeds PostgreSQL's full error text, whose "
-    "'LINE 8: FROM underway.task' and caret lines make it three lines, not one",
-)
 def test_database_without_the_schema_is_one_line(empty_dsn):
     """On a database without the schema, the error is one line."""
     assert_one_line_error(cli(empty_dsn, "queues"), "no underway schema", "run_migrations")

@@ -539,12 +539,6 @@ def test_redrive_ignores_other_queues_and_tasks_not_dead_lettered(ldsn, make_wor
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a dead letter whose cancellation was asked for during its last try keeps "
-    "cancel_requested_at; redrive() reports it re-driven but the state trigger turns it "
-    "'cancelled' at once, so it never runs again",
-)
 def test_redrive_of_a_dead_letter_cancelled_during_its_last_try_runs_it(ldsn, make_worker):
     """A task is cancelled while its last try fails: it lands in the dead-letter queue
     (failed, not cancelled). An operator's redrive of it reports the task re-driven, so it
@@ -673,12 +667,6 @@ def test_key_is_free_again_once_its_task_finished(ldsn, make_worker, ending):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a keyed task waiting between steps (pending at step 1) still holds its key, "
-    "and 'replace' overwrites its step-1 input with the new job input (and its run time): "
-    "step 1 then runs with step 0's input",
-)
 def test_key_replace_does_not_rewrite_a_task_waiting_between_steps(ldsn, make_worker):
     """A keyed task ran step 0, which returned To.delay(1 h, its output): it is pending at
     step 1. Enqueueing the same key again must not hand step 1 the new job input: step 1

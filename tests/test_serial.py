@@ -183,6 +183,41 @@ def test_busy_serial_task_holds_back_only_its_own_queue(sdsn: str) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_finished_serial_task_wakes_idle_workers_for_the_next_in_its_queue(sdsn: str) -> None:
+    """The next task of a serial queue became claimable when the one before it finished; an
+    idle worker (polling only every 30 s, and not counting on a due time for a task that was
+    due long ago) must be woken for it. Here the first task runs on a worker that knows only
+    its job (in a thread of this process), so the supervisor's idle workers must take the
+    second: they do within a couple of seconds of the first one's end."""
+    gate = Gate(sdsn)
+    key = gate.hold(9292)
+    inproc = Worker(sdsn, {js.serial_a.name: js.serial_a})
+    ran: list[bool] = []
+    thread = threading.Thread(target=lambda: ran.append(inproc.run_once()), daemon=True)
+    try:
+        first = js.serial_a.enqueue({"queue": "n", "seq": 0, "lock": key}, serial_queue="n")
+        second = js.serial_b.enqueue({"queue": "n", "seq": 1}, serial_queue="n")
+        thread.start()
+        wait_until(lambda: lock_waiters(sdsn, key), timeout=10, message="first task started")
+        with supervisor(sdsn, 2) as sup:
+            wait_until(lambda: len(idle_listening_workers(sdsn)) == 2, timeout=15)
+            assert states(sdsn) == {"running": 1, "pending": 1}
+            gate.release(key)
+            thread.join(timeout=10)
+            assert ran == [True]
+            wait_until(lambda: all_done(sdsn, 2), timeout=10, message=f"second ran: {sup!r}")
+        s_runs = by_queue(runs(sdsn))["n"]
+        assert [r["task"] for r in s_runs] == [first.id, second.id]
+        assert s_runs[1]["pid"] != s_runs[0]["pid"]
+        waited = (claimed_at(sdsn, second.id) - s_runs[0]["end"]).total_seconds()
+        assert 0 <= waited < 2, waited
+    finally:
+        gate.close()
+        thread.join(timeout=10)
+        inproc.disconnect()
+
+
+@pytest.mark.timeout(60)
 def test_serial_task_waiting_to_retry_or_delayed_does_not_block_its_queue(sdsn: str) -> None:
     """What the code does (by design of claim_task): a serial task whose run time lies in the
     future (delayed at enqueue, or failed and waiting 30 s for its retry) does not hold its
@@ -308,13 +343,6 @@ def test_racing_in_process_workers_never_run_two_tasks_of_a_serial_queue_at_once
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: attempt.finished_at (and task.finished_at) default to now(), the start of "
-    "the step's transaction, which begins at the step's first use of cx: a try that works "
-    "through cx and then runs on is recorded as finishing when it began its transaction, so "
-    "attempt windows cannot show whether serial tasks overlapped",
-)
 def test_attempt_window_covers_the_whole_try(sdsn: str) -> None:
     """A try's recorded window (attempt started_at to finished_at) covers the whole step: for
     a step that sends its first statement through cx and then works 0.3 s more, the window is

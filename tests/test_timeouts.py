@@ -296,9 +296,7 @@ def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn:
     step that catches and ignores every interruption are ended by the supervisor: it SIGKILLs
     each worker 5 s (TIMEOUT_KILL_AFTER) past its step's deadline, says why in its log, records
     the try as 'timed_out' (it counts), and starts a new worker in its place. The task with a
-    try left is retried (on a new worker) and succeeds; the others fail.
-
-    ``--lease 3`` makes the supervisor look every second; see the xfail test below for why."""
+    try left is retried (on a new worker) and succeeds; the others fail."""
     gate = Gate(tdsn)
     lock = gate.hold(4242)
     try:
@@ -356,12 +354,6 @@ def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn:
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the supervisor is not woken when a worker posts a step's deadline; it sleeps "
-    "a whole maintenance interval (lease/3, 10 s by default) first, so a short step stuck in "
-    "C is killed up to ~10 s past its deadline instead of TIMEOUT_KILL_AFTER (5 s)",
-)
 def test_stuck_step_is_killed_about_five_seconds_past_its_deadline_with_the_default_lease(
     tdsn: str,
 ) -> None:
@@ -565,23 +557,15 @@ def test_bad_step_timeout_is_refused_at_definition(make_job, bad) -> None:
     assert job.steps == []
 
 
-UNCLEAR = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a negative, NaN, infinite or non-numeric timeout is refused by seconds() with "
-    "'a delay must be finite and not negative' / 'a delay is a timedelta or a number of "
-    "seconds', which names neither the job nor the timeout",
-)
-
-
 @pytest.mark.parametrize(
     "bad",
     [
         pytest.param(0, id="zero"),
         pytest.param(timedelta(0), id="zero-timedelta"),
-        pytest.param(-1, id="negative", marks=UNCLEAR),
-        pytest.param(timedelta(seconds=-1), id="negative-timedelta", marks=UNCLEAR),
-        pytest.param(math.nan, id="nan", marks=UNCLEAR),
-        pytest.param("x", id="string", marks=UNCLEAR),
+        pytest.param(-1, id="negative"),
+        pytest.param(timedelta(seconds=-1), id="negative-timedelta"),
+        pytest.param(math.nan, id="nan"),
+        pytest.param("x", id="string"),
     ],
 )
 def test_bad_timeout_error_names_the_job_and_the_timeout(make_job, bad) -> None:

@@ -149,8 +149,9 @@ def translate_missing_schema(exc: BaseException) -> BaseException:
     """Turn "relation underway.task does not exist" into a :class:`SchemaMissing` that says
     what to do; other errors are returned unchanged."""
     if isinstance(exc, (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName)):
+        first_line = str(exc).strip().splitlines()[0]
         return SchemaMissing(
-            f"the database has no underway schema ({str(exc).strip()}): "
+            f"the database has no underway schema ({first_line}): "
             "run underway.run_migrations(dsn) first"
         )
     return exc

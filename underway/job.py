@@ -134,11 +134,11 @@ class Job:
         self.retry = retry or RetryPolicy()
         self.priority = priority
         self.queue = _name_or_none(queue, f"job {name!r}: queue") or name
-        self.timeout = _positive(timeout, f"job {name!r}: timeout")
+        self.timeout = _duration(timeout, f"job {name!r}: timeout", positive=True)
         self.dead_letter_queue = _name_or_none(
             dead_letter_queue, f"job {name!r}: dead_letter_queue"
         )
-        self.keep_for = seconds(keep_for)
+        self.keep_for = _duration(keep_for, f"job {name!r}: keep_for")
         self.steps: list[Step] = []
         _registry[name] = self
 
@@ -171,7 +171,9 @@ class Job:
         job's.
         """
         limit = (
-            self.timeout if timeout is None else _positive(timeout, f"job {self.name!r}: timeout")
+            self.timeout
+            if timeout is None
+            else _duration(timeout, f"job {self.name!r}: timeout", positive=True)
         )
 
         def add(fn: StepFunction) -> StepFunction:
@@ -206,11 +208,12 @@ class Job:
         :param delay: run no earlier than this long from now (timedelta or seconds).
         :param priority: overrides the job's priority; higher runs first.
         :param key: a job key: at most one pending or running task of this job holds it.
-            If one is pending, ``key_mode`` says what happens: ``"replace"`` gives it this
-            input, delay and priority (debounce); ``"preserve_run_at"`` gives it this input
-            but keeps its run time (throttle); ``"keep"`` leaves it as it is (dedupe). A
-            running task holding the key hands it to the new task, except with ``"keep"``,
-            where the enqueue does nothing. The task returned is the one that holds the key.
+            If one is pending and not yet started, ``key_mode`` says what happens:
+            ``"replace"`` gives it this input, delay and priority (debounce);
+            ``"preserve_run_at"`` gives it this input but keeps its run time (throttle);
+            ``"keep"`` leaves it as it is (dedupe). A task under way (running, or between
+            steps) holding the key hands it to the new task, except with ``"keep"``, where
+            the enqueue does nothing. The task returned is the one that holds the key.
         :param serial_queue: tasks sharing a serial queue, of any job, run one at a time
             in order (priority, then run time, then enqueue order).
         """
@@ -396,10 +399,14 @@ def _name_or_none(value: Any, what: str) -> str | None:
     return value
 
 
-def _positive(value: Delay, what: str) -> float:
-    """A duration in seconds that must be more than zero."""
-    result = seconds(value)
-    if result <= 0:
+def _duration(value: Delay, what: str, *, positive: bool = False) -> float:
+    """A duration option in seconds; an error names the option (``what``) when it is not a
+    finite duration, or, with ``positive``, is not more than zero."""
+    try:
+        result = seconds(value)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{what}: {exc}") from None
+    if positive and result <= 0:
         raise ValueError(f"{what} must be more than zero, not {value!r}")
     return result
 

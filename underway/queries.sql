@@ -295,10 +295,12 @@ ORDER BY id;
 -- name: redrive
 -- Put tasks from a dead-letter queue back in their queue, each at the step that failed,
 -- with its tries renewed; its attempts so far stay in its history. All of them, or
--- those whose ids are given.
+-- those whose ids are given. Re-driving overrides a cancellation asked for during the
+-- last try: it is the operator's newer word.
 WITH redriven AS (
     UPDATE underway.task
-    SET state = 'pending', attempts = 0, run_at = now(), error = NULL
+    SET state = 'pending', attempts = 0, run_at = now(), error = NULL,
+        cancel_requested_at = NULL
     WHERE dead_letter_queue = %(queue)s AND state = 'failed'
       AND (%(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[]))
     RETURNING id

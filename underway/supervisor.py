@@ -199,7 +199,8 @@ class Supervisor:
 
     def wait_for_event(self) -> None:
         """Sleep until a signal or child exit arrives, or the next timer is due."""
-        timeout = self.maintenance_interval()
+        # At least once a second: a step that started since may be stuck past its deadline.
+        timeout = min(self.maintenance_interval(), 1.0)
         deadlines = [deadline for _, _, deadline in self.held() if deadline]
         if deadlines:
             wake = min(deadlines) + TIMEOUT_KILL_AFTER - time.monotonic()

@@ -32,6 +32,9 @@ CREATE INDEX task_expires_idx ON underway.task (expires_at) WHERE expires_at IS 
 CREATE INDEX task_dead_letter_idx ON underway.task (dead_letter_queue, id)
     WHERE dead_letter_queue IS NOT NULL AND state = 'failed';
 
+-- A try ends when its outcome is recorded, not when its transaction began (now()).
+ALTER TABLE underway.attempt ALTER COLUMN finished_at SET DEFAULT clock_timestamp();
+
 ALTER TABLE underway.attempt DROP CONSTRAINT attempt_outcome_check;
 ALTER TABLE underway.attempt ADD CONSTRAINT attempt_outcome_check
     CHECK (outcome IN (
@@ -60,10 +63,11 @@ CREATE TABLE underway.job (
 -- languages:
 --     SELECT underway.enqueue('welcome-email', '{"user_id": 42}');
 -- Arguments left NULL take the job's registered defaults (underway.job). With a key,
--- a pending task of the job holding it is updated instead ('replace': new input, run
--- time and priority; 'preserve_run_at': new input, same run time), or left alone
--- ('keep'). A running task holding the key gives it up to the new task, except in 'keep'
--- mode, where the enqueue does nothing. Returns the id of the task enqueued or updated.
+-- a pending task of the job holding it, not yet started, is updated instead ('replace':
+-- new input, run time and priority; 'preserve_run_at': new input, same run time), or
+-- left alone ('keep'). A task under way (running, or between steps) holding the key
+-- gives it up to the new task, except in 'keep' mode, where the enqueue does nothing.
+-- Returns the id of the task enqueued or updated.
 CREATE FUNCTION underway.enqueue(
     job text,
     input jsonb DEFAULT 'null',
@@ -82,6 +86,7 @@ DECLARE
     registered underway.job%ROWTYPE;
     found_id bigint;
     found_state underway.task_state;
+    found_step integer;
     task_id bigint;
 BEGIN
     IF job IS NULL OR btrim(job) = '' THEN
@@ -104,11 +109,19 @@ BEGIN
     keep_for := coalesce(keep_for, registered.keep_for, interval '14 days');
     LOOP
         IF key IS NOT NULL THEN
-            SELECT t.id, t.state INTO found_id, found_state FROM underway.task AS t
+            SELECT t.id, t.state, t.step INTO found_id, found_state, found_step
+            FROM underway.task AS t
             WHERE t.job = enqueue.job AND t.key = enqueue.key
               AND t.state IN ('pending', 'running')
             FOR UPDATE;
-            IF found_state = 'pending' OR (found_state = 'running' AND key_mode = 'keep') THEN
+            -- A task that began (running, or pending between steps) is under way: its input
+            -- is a step's output and must not be rewritten.
+            IF found_state = 'running' OR found_step > 0 THEN
+                IF key_mode = 'keep' THEN
+                    RETURN found_id;
+                END IF;
+                UPDATE underway.task AS t SET key = NULL WHERE t.id = found_id;
+            ELSIF found_state = 'pending' THEN
                 IF key_mode <> 'keep' THEN
                     UPDATE underway.task AS t
                     SET input = enqueue.input,
@@ -119,8 +132,6 @@ BEGIN
                     PERFORM pg_notify('underway', '');
                 END IF;
                 RETURN found_id;
-            ELSIF found_state = 'running' THEN
-                UPDATE underway.task AS t SET key = NULL WHERE t.id = found_id;
             END IF;
         END IF;
         BEGIN
@@ -237,7 +248,7 @@ BEGIN
         NEW.finished_at := NULL;
         NEW.expires_at := NULL;
     ELSE
-        NEW.finished_at := coalesce(NEW.finished_at, now());
+        NEW.finished_at := coalesce(NEW.finished_at, clock_timestamp());
         NEW.expires_at := CASE
             WHEN NEW.state = 'failed' AND NEW.dead_letter_queue IS NOT NULL THEN NULL
             ELSE NEW.finished_at + NEW.keep_for END;
