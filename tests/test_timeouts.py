@@ -32,7 +32,7 @@ from datetime import timedelta
 
 import jobs_timeouts as jt
 import pytest
-from jobs_faults import Gate, idle_listening_workers
+from jobs_faults import Gate
 
 import underway
 from underway.errors import StepTimeout
@@ -176,11 +176,6 @@ def notes(dsn: str, task_id: int) -> list[tuple]:
     )
 
 
-def wait_idle(dsn: str, count: int) -> None:
-    """Wait until ``count`` workers wait on LISTEN: a supervisor is up and has settled."""
-    wait_until(lambda: len(idle_listening_workers(dsn)) == count, timeout=15, message="idle")
-
-
 def blocked_in_libpq(dsn: str, lock: int) -> int:
     """How many steps' own connections wait for the test's advisory lock ``lock``."""
     return scalar(
@@ -296,14 +291,18 @@ def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn:
     step that catches and ignores every interruption are ended by the supervisor: it SIGKILLs
     each worker 5 s (TIMEOUT_KILL_AFTER) past its step's deadline, says why in its log, records
     the try as 'timed_out' (it counts), and starts a new worker in its place. The task with a
-    try left is retried (on a new worker) and succeeds; the others fail."""
+    try left is retried (on a new worker) and succeeds; the others fail.
+
+    The deadlines are posted while the supervisor sleeps (default --lease, so maintenance
+    only every 10 s): it must still wake in time for each kill, not a maintenance interval
+    late."""
     gate = Gate(tdsn)
     lock = gate.hold(4242)
     try:
         retried = jt.stuck.enqueue({"dsn": tdsn, "lock": lock, "hang_tries": 1})
         once = jt.stuck_once.enqueue({"dsn": tdsn, "lock": lock})
         deaf = jt.deaf.enqueue({"dsn": tdsn})
-        with supervisor(tdsn, 3, "--lease", "3") as sup:
+        with supervisor(tdsn, 3) as sup:
             wait_until(lambda: len(sup.worker_pids()) == 3, timeout=10, message=repr(sup))
             first_workers = set(sup.worker_pids())
             wait_until(lambda: blocked_in_libpq(tdsn, lock) == 2, timeout=10, message=repr(sup))
@@ -321,7 +320,8 @@ def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn:
                     r" the supervisor",
                     error,
                 ), error
-                assert 1 + TIMEOUT_KILL_AFTER <= durations(tdsn, t.id)[0] < 6 + SLACK
+                kill_at = 1 + TIMEOUT_KILL_AFTER
+                assert kill_at <= durations(tdsn, t.id)[0] < kill_at + SLACK, durations(tdsn, t.id)
             assert task(tdsn, retried.id)[:2] == ("succeeded", 2)
             assert attempts(tdsn, retried.id)[1] == (2, "succeeded", None)
             assert effects(tdsn, retried.id) == [(2, "done")]
@@ -350,22 +350,6 @@ def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn:
             assert sup.is_running()
     finally:
         gate.close()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(60)
-def test_stuck_step_is_killed_about_five_seconds_past_its_deadline_with_the_default_lease(
-    tdsn: str,
-) -> None:
-    """With the default --lease (30 s), a step with timeout=1 that ignores every interruption
-    should be killed TIMEOUT_KILL_AFTER (5 s) past its deadline, give or take the slack."""
-    with supervisor(tdsn) as sup:
-        wait_idle(tdsn, 1)  # the supervisor has started and is waiting for events
-        t = jt.deaf.enqueue({"dsn": tdsn})
-        wait_until(lambda: finished(tdsn, t.id), timeout=25, message=f"task done: {sup!r}")
-    assert attempts(tdsn, t.id)[0][1] == "timed_out"
-    late = durations(tdsn, t.id)[0] - 1 - TIMEOUT_KILL_AFTER
-    assert late < SLACK, f"killed {late:.1f}s later than 5 s past the deadline:\n{sup!r}"
 
 
 # -- statements through cx: statement_timeout -------------------------------------------------
