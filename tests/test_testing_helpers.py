@@ -196,11 +196,6 @@ def test_drain_gives_up_at_the_limit_for_a_self_enqueueing_job(ldsn):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: drain raises 'tasks keep coming' as soon as it has run `limit` steps, even "
-    "when those were all there was to run",
-)
 def test_drain_of_exactly_limit_steps_does_not_raise(ldsn):
     """Two steps to run with limit=2: all the work is done and none keeps coming, so drain
     returns 2."""

@@ -57,23 +57,34 @@ def drain(
     ran = 0
     try:
         while True:
-            if worker.run_once():
-                ran += 1
-                if ran >= limit:
+            if ran == limit:
+                if (run_delayed and _make_delayed_due(worker)) or _ready(worker):
                     raise RuntimeError(
                         f"drain ran {limit} steps and tasks keep coming: does a job enqueue "
                         "itself? Pass a higher limit= if this is expected"
                     )
-                continue
-            if not run_delayed:
                 break
-            with worker.connect().cursor() as cur:
-                cur.execute(QUERIES["run_delayed_now"], {"jobs": worker.job_names})
-                if not cur.rowcount:
-                    break
+            if worker.run_once():
+                ran += 1
+            elif not (run_delayed and _make_delayed_due(worker)):
+                break
     finally:
         worker.disconnect()
     return ran
+
+
+def _make_delayed_due(worker: Worker) -> bool:
+    """Make the worker's jobs' delayed tasks due now; whether there were any."""
+    with worker.connect().cursor() as cur:
+        cur.execute(QUERIES["run_delayed_now"], {"jobs": worker.job_names})
+        return bool(cur.rowcount)
+
+
+def _ready(worker: Worker) -> bool:
+    """Whether a task of the worker's jobs is ready to run."""
+    with worker.connect().cursor() as cur:
+        cur.execute(QUERIES["ready_count"], {"jobs": worker.job_names})
+        return bool(cur.fetchone()[0])
 
 
 def run_inline(
