@@ -266,15 +266,17 @@ def test_serial_task_waiting_to_retry_or_delayed_does_not_block_its_queue(sdsn: 
 @pytest.mark.slow
 @pytest.mark.timeout(90)
 def test_two_hundred_tasks_over_five_serial_queues_with_two_workers(sdsn: str) -> None:
-    """200 tasks over 5 serial queues (40 each, the two jobs alternating, enqueued
-    interleaved in one transaction) drain through 2 workers: every task runs exactly once
-    with one successful try, and each queue runs strictly one task at a time, in order."""
+    """200 tasks over 5 serial queues (40 each, the two jobs alternating) drain through 2
+    workers: every task runs exactly once with one successful try, and each queue runs
+    strictly one task at a time, in order. The tasks are enqueued queue after queue in one
+    transaction, so in plain dequeue order (priority, run_at, id) both workers would go for
+    the same queue: only the serial rule sends the second worker to another one."""
     queues = [f"q{i}" for i in range(5)]
     conn = psycopg2.connect(sdsn)
     try:
         with conn:
-            for seq in range(40):
-                for queue in queues:
+            for queue in queues:
+                for seq in range(40):
                     job = (js.serial_a, js.serial_b)[seq % 2]
                     job.enqueue({"queue": queue, "seq": seq}, serial_queue=queue, conn=conn)
     finally:

@@ -42,8 +42,6 @@ from underway.worker import Worker, _on_alarm
 
 from .helpers import Supervisor, query, scalar, wait_until
 
-pytestmark = pytest.mark.fault
-
 #: The error a try interrupted by the worker's own SIGALRM (or its elapsed check) records.
 TIMED_OUT_1S = "StepTimeout: the step ran past its timeout of 1s"
 
@@ -284,6 +282,7 @@ def test_step_timeout_overrides_the_jobs_in_a_worker_process(tdsn: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.fault
 @pytest.mark.timeout(60)
 def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn: str) -> None:
     """Steps stuck inside libpq (a query on a connection of their own, waiting for a lock the
