@@ -28,13 +28,14 @@ from typing import Any
 
 import psycopg2
 
-from underway import Job, RetryPolicy
+from underway import Job, RetryPolicy, To
 
 DDL = """
 CREATE TABLE IF NOT EXISTS serial_run (
     id bigserial PRIMARY KEY,
     task_id bigint NOT NULL,
     job text NOT NULL,
+    step integer NOT NULL,
     queue text,
     seq integer,
     attempt integer NOT NULL,
@@ -93,12 +94,13 @@ def run(cx: Any, inp: Any) -> None:
             peak = max(peak, _active[queue])
         with cx.cursor() as cur:
             cur.execute(
-                "INSERT INTO serial_run (task_id, job, queue, seq, attempt, pid, overlap, peak,"
-                " started, finished)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, clock_timestamp())",
+                "INSERT INTO serial_run (task_id, job, step, queue, seq, attempt, pid, overlap,"
+                " peak, started, finished)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, clock_timestamp())",
                 (
                     cx.task_id,
                     cx.job,
+                    cx.step,
                     queue,
                     inp.get("seq"),
                     cx.attempt,
@@ -121,3 +123,16 @@ serial_b.step(run)
 
 plain = Job("serial-plain")
 plain.step(run)
+
+
+two_steps = Job("serial-two-steps")
+
+
+@two_steps.step
+def first_step(cx: Any, inp: Any) -> To:
+    """Record the run of step 0 and go straight on to step 1 (no delay)."""
+    run(cx, inp)
+    return To.next(inp)
+
+
+two_steps.step(run)
