@@ -295,6 +295,19 @@ BEGIN
         RAISE EXCEPTION 'underway.enqueue: delay must be finite seconds >= 0, not %',
             quote_nullable(delay) USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF btrim(key) = '' OR btrim(queue) = '' OR btrim(serial_queue) = ''
+       OR btrim(dead_letter_queue) = '' THEN
+        RAISE EXCEPTION 'underway.enqueue: key, queue, serial_queue and dead_letter_queue '
+            'must be NULL or non-empty names' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF keep_for < interval '0' THEN
+        RAISE EXCEPTION 'underway.enqueue: keep_for must not be negative, not %', keep_for
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF max_attempts < 1 THEN
+        RAISE EXCEPTION 'underway.enqueue: max_attempts must be at least 1, not %', max_attempts
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT * INTO registered FROM underway.job AS j WHERE j.name = enqueue.job;
     priority := coalesce(priority, registered.priority, 0);
     max_attempts := coalesce(max_attempts, registered.max_attempts, 5);
@@ -347,10 +360,12 @@ END;
 $$;
 
 -- Claim the next ready task of the given jobs (see 0001): now also skipping paused
--- queues, and any task of a serial queue that is busy or has an earlier ready task.
--- Two workers racing for the same serial queue both aim at its first ready task; its
--- row lock lets one through, and the other sees an earlier ready (or running) task
--- in front of every later one, so a serial queue never runs two tasks at once.
+-- queues, and a task of a serial queue while another task of that queue is under way
+-- (running, or between its steps) or, for a task not yet started, while an earlier
+-- ready task waits in front of it. Two workers racing for the same serial queue both
+-- aim at its first ready task; its row lock lets one through, and the other sees an
+-- earlier ready (or running) task in front of every later one, so a serial queue never
+-- has two tasks under way at once.
 CREATE OR REPLACE FUNCTION underway.claim_task(
     jobs text[], token bigint, lease_seconds double precision
 )
@@ -377,8 +392,8 @@ BEGIN
               SELECT 1 FROM underway.task AS s
               WHERE s.serial_queue = c.serial_queue AND s.id <> c.id
                 AND s.state IN ('pending', 'running')
-                AND (s.state = 'running'
-                     OR (s.run_at <= now()
+                AND (s.state = 'running' OR s.step > 0
+                     OR (c.step = 0 AND s.run_at <= now()
                          AND (s.priority > c.priority
                               OR (s.priority = c.priority
                                   AND (s.run_at, s.id) < (c.run_at, c.id)))))

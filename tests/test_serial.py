@@ -378,12 +378,6 @@ def test_attempt_window_covers_the_whole_try(sdsn: str) -> None:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: between steps a task is 'pending' with run_at = now(), later than the next "
-    "task of its serial queue, so claim_task lets that task start while the first is still "
-    "under way: 2-step tasks A and B run A0, B0, A1, B1",
-)
 def test_multi_step_task_holds_its_serial_queue_between_steps(sdsn: str) -> None:
     """A task is one run of a job, through all its steps: two 2-step tasks sharing a serial
     queue run one after the other (A step 0, A step 1, B step 0, B step 1), not interleaved,

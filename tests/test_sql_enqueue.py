@@ -342,27 +342,21 @@ def test_bad_arguments_raise_a_clear_error_and_write_nothing(qdsn, args, params,
         ),
         pytest.param(
             "'sql-record', '{}', max_attempts => 0",
-            psycopg2.errors.CheckViolation,
+            psycopg2.errors.InvalidParameterValue,
             "max_attempts",
             id="zero-max-attempts",
         ),
     ],
 )
 def test_values_the_task_table_refuses_write_nothing(qdsn, args, error, says) -> None:
-    """A NULL input and max_attempts below 1 are refused by the task table's constraints (the
-    message names the column), and no task is written."""
+    """A NULL input (by the task table's constraint) and max_attempts below 1 (by
+    underway.enqueue) are refused with a message naming the column, and no task is written."""
     with pytest.raises(error) as info:
         sql_enqueue(qdsn, args)
     assert says in str(info.value)
     assert task_count(qdsn) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: underway.enqueue validates job, delay and key_mode only: an empty key, queue, "
-    "serial_queue or dead_letter_queue and a negative keep_for, all refused by Job.enqueue / "
-    "Job(...), are written from SQL (README: 'Bad arguments raise an error and write nothing')",
-)
 @pytest.mark.parametrize(
     "args",
     [
