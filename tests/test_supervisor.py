@@ -106,8 +106,8 @@ def test_max_tasks_replaces_each_worker_after_that_many_tasks(fdsn: str) -> None
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--lease", "0"], "--lease must be a number of seconds more than 0"),
-        (["--lease", "nan"], "--lease must be a number of seconds more than 0"),
+        (["--lease", "0"], "--lease must be between 1 and 86400 seconds"),
+        (["--lease", "nan"], "--lease must be between 1 and 86400 seconds"),
         (["--poll-interval", "-1"], "--poll-interval must be a number of seconds more than 0"),
         (["--grace", "-5"], "--grace must be a number of seconds, 0 or more"),
         (["--max-tasks", "0"], "--max-tasks must be at least 1"),
@@ -435,34 +435,22 @@ def test_sigquit_to_process_group_does_not_count_the_try(fdsn: str, gate: Gate) 
     """Ctrl-\\ in a terminal (SIGQUIT to the whole group) is a hard stop like SIGQUIT to the
     supervisor: exit 1, and the cut-off step goes back with its try not counted.
 
-    To make the order of events certain, the supervisor is held inside its lease renewal
-    (the test locks the task row) while the signal reaches everyone."""
+    To make the order of events certain, the supervisor is frozen (SIGSTOP) while the signal
+    reaches everyone: the workers get it first, and the supervisor only when it thaws."""
     key = gate.hold(106)
     with supervisor(fdsn, "--grace", "30", "--lease", "3") as sup:
         wait_idle(fdsn, 2)
         task = jobs_faults.blocking.enqueue({"lock": key})
         [busy] = wait_blocked(fdsn, key)
-        row_lock = psycopg2.connect(fdsn)
+        sup.signal(signal.SIGSTOP)
         try:
-            with row_lock.cursor() as cur:
-                cur.execute("SELECT 1 FROM underway.task WHERE id = %s FOR UPDATE", (task.id,))
-            wait_until(
-                lambda: (
-                    sql(
-                        fdsn,
-                        "SELECT wait_event_type FROM pg_stat_activity"
-                        " WHERE application_name LIKE 'underway supervisor %%'",
-                    )
-                    == [("Lock",)]
-                ),
-                message="supervisor blocked renewing leases",
-            )
             sup.signal_group(signal.SIGQUIT)
             # A worker that did not ignore SIGQUIT would die now: give it a second to.
             with contextlib.suppress(AssertionError):
                 wait_until(lambda: _dead(busy), timeout=1)
+            assert not _dead(busy), "the worker died of SIGQUIT"
         finally:
-            row_lock.close()
+            sup.signal(signal.SIGCONT)
         assert sup.wait(10) == 1, sup
     row = task_row(fdsn, task.id)
     assert (row["state"], row["attempts"], row["claim_token"]) == ("pending", 0, None), sup

@@ -134,10 +134,16 @@ WITH held AS (
 SELECT id, state::text, pg_notify('underway', '') FROM released;
 
 -- name: renew_leases
--- Extend the leases of the tasks this supervisor's live workers hold.
+-- Extend the leases of the tasks this supervisor's live workers hold. A row someone else
+-- holds locked is skipped, not waited for (reclaiming skips it too), so one locked row
+-- cannot stall the renewal of the others, nor the supervisor.
 UPDATE underway.task
 SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE state = 'running' AND claim_token = ANY (%(tokens)s);
+WHERE id IN (
+    SELECT id FROM underway.task
+    WHERE state = 'running' AND claim_token = ANY (%(tokens)s)
+    FOR UPDATE SKIP LOCKED
+);
 
 -- name: reclaim_expired
 -- Release running tasks whose lease lapsed: their worker, or its whole host, is gone.

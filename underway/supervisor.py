@@ -66,6 +66,10 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 QUICK_DEATH = 5.0
 """A worker that dies sooner than this after starting is restarted with growing backoff."""
 
+MIN_LEASE, MAX_LEASE = 1.0, 86_400.0
+"""The range of ``--lease``: renewals (every third of it, at most every 0.2 s) must keep up,
+and a lapsed lease must come back within a day."""
+
 TIMEOUT_KILL_AFTER = 5.0
 """Seconds past a step's deadline before the supervisor kills its worker: the worker's own
 SIGALRM gets the first chance to stop the step cleanly."""
@@ -599,9 +603,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--workers must be at least 1")
     if args.max_tasks is not None and args.max_tasks < 1:
         parser.error("--max-tasks must be at least 1")
-    for option, value in [("--lease", args.lease), ("--poll-interval", args.poll_interval)]:
-        if not value > 0 or value == float("inf"):
-            parser.error(f"{option} must be a number of seconds more than 0, not {value}")
+    if not MIN_LEASE <= args.lease <= MAX_LEASE:
+        parser.error(
+            f"--lease must be between {MIN_LEASE:g} and {MAX_LEASE:g} seconds, not {args.lease}"
+        )
+    if not 0 < args.poll_interval < float("inf"):
+        parser.error(
+            f"--poll-interval must be a number of seconds more than 0, not {args.poll_interval}"
+        )
     if not 0 <= args.grace < float("inf"):
         parser.error(f"--grace must be a number of seconds, 0 or more, not {args.grace}")
     return args
