@@ -109,7 +109,7 @@ def _grouped(
             alpha=alpha,
             label=legend.get(metric if len(metrics) > 1 else workers, metric),
         )
-        ax.bar_label(bars, fmt="{:,.3g}", fontsize=7, rotation=90, padding=2)
+        ax.bar_label(bars, fmt=_short, fontsize=7, rotation=90, padding=2)
     ax.set_xticks(range(len(labels)))
     ax.set_xticklabels(labels, rotation=35, ha="right", fontsize=8)
     for tick in ax.get_xticklabels():
@@ -121,6 +121,11 @@ def _grouped(
     ax.margins(y=0.15)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
+
+
+def _short(v: float) -> str:
+    """A bar's label: whole numbers with thousands separators, small ones with decimals."""
+    return f"{v:,.0f}" if v >= 10 else f"{v:.2f}"
 
 
 def _rss(ax: Any, rss: dict[str, Any] | None) -> None:
@@ -139,6 +144,8 @@ def _rss(ax: Any, rss: dict[str, Any] | None) -> None:
             alpha=0.6 + 0.4 * w,
             label=f"worker {w + 1}",
         )
+    values = [v for k in keys for v in rss[k]]
+    ax.set_ylim(min(values) - 5, max(values) + 5)  # the +-5 MB band of the target
     ax.set_ylabel("RSS (MB)")
     ax.set_title(f"underway worker RSS over {rss['tasks']:,} tasks", fontsize=10)
     ax.legend(fontsize=8)

@@ -20,7 +20,7 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,6 +60,40 @@ SIZES = {
 }
 
 SMOKE_PEERS = "underway,psycopg2,pgbench"
+
+
+@dataclass
+class Series:
+    """One measurement taken over several runs: ``once`` takes a run, ``record`` turns the
+    runs into figures."""
+
+    what: str
+    once: Callable[[], dict[str, Any]]
+    record: Callable[[list[dict[str, Any]]], None]
+    #: False for measurements taken once (latency, RSS).
+    repeat: bool = True
+    runs: list[dict[str, Any]] = field(default_factory=list)
+    failed: bool = False
+
+    def take(self) -> None:
+        """Take one run, noting the machine's load average with it."""
+        try:
+            run = self.once()
+        except BaseException:
+            self.failed = True
+            raise
+        run["load_avg_1m"] = round(os.getloadavg()[0], 2)
+        self.runs.append(run)
+        for key in ("value", "single_per_s", "batched_per_s", "p50_ms"):
+            if key in run:
+                print(f"   {key}: {run[key]:,.2f}", flush=True)
+
+    def wants_more(self, slow_s: float) -> bool:
+        """Whether to take another run: not after a failure, nor for a one-run measurement,
+        nor for a peer whose first run spanned over ``slow_s`` seconds."""
+        if self.failed or not self.repeat or not self.runs:
+            return False
+        return self.runs[0].get("span_s", 0) <= slow_s
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -156,17 +190,12 @@ class Run:
         self.figures.append(figure)
         print(f"   {figure['id']}: {value:,.2f} {unit}", flush=True)
 
-    def repeated(
-        self, once: Callable[[], dict[str, Any]], slow_key: str = "span_s"
-    ) -> list[dict[str, Any]]:
-        """Up to ``runs`` runs of a measurement; one only if the first ran longer than
-        ``slow_run_s`` (a slow peer would take the whole run's time)."""
-        runs = [once()]
-        if runs[0].get(slow_key, 0) <= self.sizes.slow_run_s:
-            runs += [once() for _ in range(self.sizes.runs - 1)]
-        return runs
-
     # -- the measurements ---------------------------------------------------------------
+    #
+    # Each measurement is a Series: a function taking one run, and one recording the
+    # figures from all of its runs. Runs go in rounds (run 1 of everything, then run 2 of
+    # everything, ...), so that a disturbance on the machine falls on every peer alike
+    # rather than on one peer's three runs.
 
     def round_trips(self) -> None:
         """Round trips per no-op task: underway's worker vs the pgbench script."""
@@ -178,158 +207,192 @@ class Run:
         }
         print(f"   underway: {counted['per_task']:g} per task; pgbench: {ROUND_TRIPS}", flush=True)
 
-    def enqueue(self, peer: Peer) -> None:
+    def enqueue_series(self, peer: Peer) -> Series:
         """Enqueue rates, one per transaction and batched."""
         s = self.sizes
-        runs = [
-            harness.measure_enqueue(
-                self.server, peer, s.enqueue_single, s.enqueue_batched, s.enqueue_batch
-            )
-            for _ in range(s.runs)
-        ]
-        conditions = {**peer.settings(1), "tasks": s.enqueue_single, "runs": len(runs)}
-        self.add(
-            "enqueue_single",
-            peer.key,
-            peer.label,
-            harness.median_of(runs, "single_per_s"),
-            "tasks/s",
-            runs=[r["single_per_s"] for r in runs],
-            conditions=conditions,
-        )
-        if "batched_per_s" in runs[0]:
-            conditions = {**conditions, "tasks": s.enqueue_batched, "batch": s.enqueue_batch}
+
+        def record(runs: list[dict[str, Any]]) -> None:
+            conditions = {**peer.settings(1), "tasks": s.enqueue_single, "runs": len(runs)}
             self.add(
-                "enqueue_batched",
+                "enqueue_single",
                 peer.key,
                 peer.label,
-                harness.median_of(runs, "batched_per_s"),
+                harness.median_of(runs, "single_per_s"),
                 "tasks/s",
-                runs=[r["batched_per_s"] for r in runs],
+                runs=runs,
                 conditions=conditions,
             )
+            if "batched_per_s" in runs[0]:
+                conditions = {**conditions, "tasks": s.enqueue_batched, "batch": s.enqueue_batch}
+                self.add(
+                    "enqueue_batched",
+                    peer.key,
+                    peer.label,
+                    harness.median_of(runs, "batched_per_s"),
+                    "tasks/s",
+                    runs=runs,
+                    conditions=conditions,
+                )
 
-    def drain(self, peer: Peer, workers: int) -> None:
+        return Series(
+            f"enqueue: {peer.label}",
+            lambda: harness.measure_enqueue(
+                self.server, peer, s.enqueue_single, s.enqueue_batched, s.enqueue_batch
+            ),
+            record,
+        )
+
+    def drain_series(self, peer: Peer, workers: int) -> Series:
         """Drain throughput of pre-enqueued no-op tasks."""
         n = min(self.sizes.drain_tasks, peer.max_drain_tasks or self.sizes.drain_tasks)
-        runs = self.repeated(lambda: harness.measure_drain(self.server, peer, workers, n))
-        unit = "jobs/s" if peer.steps > 1 else "tasks/s"
-        self.add(
-            "drain",
-            peer.key,
-            peer.label,
-            harness.median_of(runs),
-            unit,
-            workers=workers,
-            runs=runs,
-            conditions={**peer.settings(workers), "tasks": n, "runs": len(runs)},
-        )
 
-    def pgbench(self, clients: int, async_commit: bool) -> None:
-        """The pgbench ceiling on underway's transaction shape."""
-        n = self.sizes.drain_tasks
-        runs = [
-            measure_pgbench(self.server, clients, n, async_commit) for _ in range(self.sizes.runs)
-        ]
-        key = "pgbench_async" if async_commit else "pgbench"
-        label = "pgbench, synchronous_commit=off" if async_commit else "pgbench"
-        self.add(
-            "drain",
-            key,
-            label,
-            harness.median_of(runs),
-            "tasks/s",
-            workers=clients,
-            runs=runs,
-            conditions={
-                "clients": clients,
-                "threads": clients,
-                "tasks": n,
-                "runs": len(runs),
-                "round_trips_per_task": ROUND_TRIPS,
-                "protocol": "simple",
-                "synchronous_commit": "off" if async_commit else "server default",
-            },
-        )
-
-    def latency(self, peer: Peer, workers: int = 2) -> None:
-        """Pickup latency at a steady enqueue rate into idle workers."""
-        s = self.sizes
-        n = s.latency_pickups if peer.is_underway else s.latency_pickups_peers
-        result = harness.measure_latency(self.server, peer, workers, n, s.latency_rate)
-        conditions = {
-            **peer.settings(workers),
-            "pickups": n,
-            "rate_per_s": s.latency_rate,
-            "achieved_rate_per_s": round(result["achieved_rate_per_s"], 1),
-            "negative_latencies": result["negative"],
-        }
-        for stat in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+        def record(runs: list[dict[str, Any]]) -> None:
             self.add(
-                f"latency_{stat[:-3]}",
+                "drain",
                 peer.key,
                 peer.label,
-                result[stat],
-                "ms",
+                harness.median_of(runs),
+                "jobs/s" if peer.steps > 1 else "tasks/s",
+                workers=workers,
+                runs=runs,
+                conditions={**peer.settings(workers), "tasks": n, "runs": len(runs)},
+            )
+
+        return Series(
+            f"drain: {peer.label}, {workers} worker(s)",
+            lambda: harness.measure_drain(self.server, peer, workers, n),
+            record,
+        )
+
+    def pgbench_series(self, clients: int, async_commit: bool) -> Series:
+        """The pgbench ceiling on underway's transaction shape."""
+        n = self.sizes.drain_tasks
+        key = "pgbench_async" if async_commit else "pgbench"
+        label = "pgbench, synchronous_commit=off" if async_commit else "pgbench"
+
+        def record(runs: list[dict[str, Any]]) -> None:
+            self.add(
+                "drain",
+                key,
+                label,
+                harness.median_of(runs),
+                "tasks/s",
+                workers=clients,
+                runs=runs,
+                conditions={
+                    "clients": clients,
+                    "threads": clients,
+                    "tasks": n,
+                    "runs": len(runs),
+                    "round_trips_per_task": ROUND_TRIPS,
+                    "protocol": "simple",
+                    "synchronous_commit": "off" if async_commit else "server default",
+                },
+            )
+
+        return Series(
+            f"pgbench: {clients} client(s), {label}",
+            lambda: measure_pgbench(self.server, clients, n, async_commit),
+            record,
+        )
+
+    def latency_series(self, peer: Peer, workers: int = 2) -> Series:
+        """Pickup latency at a steady enqueue rate into idle workers (one run)."""
+        s = self.sizes
+        n = s.latency_pickups if peer.is_underway else s.latency_pickups_peers
+
+        def record(runs: list[dict[str, Any]]) -> None:
+            result = runs[0]
+            conditions = {
+                **peer.settings(workers),
+                "pickups": n,
+                "rate_per_s": s.latency_rate,
+                "achieved_rate_per_s": round(result["achieved_rate_per_s"], 1),
+                "negative_latencies": result["negative"],
+                "load_avg_1m": result["load_avg_1m"],
+            }
+            for stat in ("p50_ms", "p95_ms", "p99_ms", "max_ms"):
+                self.add(
+                    f"latency_{stat[:-3]}",
+                    peer.key,
+                    peer.label,
+                    result[stat],
+                    "ms",
+                    workers=workers,
+                    conditions=conditions,
+                )
+            self.add(
+                "latency_stalls",
+                peer.key,
+                peer.label,
+                result["stalls_over_50ms"],
+                f"pickups > 50 ms of {n}",
                 workers=workers,
                 conditions=conditions,
             )
-        self.add(
-            "latency_stalls",
-            peer.key,
-            peer.label,
-            result["stalls_over_50ms"],
-            f"pickups > 50 ms of {n}",
-            workers=workers,
-            conditions=conditions,
+
+        return Series(
+            f"latency: {peer.label}",
+            lambda: harness.measure_latency(self.server, peer, workers, n, s.latency_rate),
+            record,
+            repeat=False,
         )
 
-    def rss(self, peer: Peer, workers: int = 2) -> None:
-        """Worker RSS at start and after many tasks."""
+    def rss_series(self, peer: Peer, workers: int = 2) -> Series:
+        """Worker RSS at start and after many tasks (one run)."""
         n = self.sizes.rss_tasks
-        result = harness.measure_rss(self.server, peer, workers, n)
-        self.extra["rss"] = {**result, "workers": workers, "peer": peer.key}
-        self.add(
-            "rss_growth",
-            peer.key,
-            peer.label,
-            max(map(abs, result["growth_since_start_mb"])),
-            "MB",
-            workers=workers,
-            detail=result,
-            conditions={"tasks": n},
+
+        def record(runs: list[dict[str, Any]]) -> None:
+            result = runs[0]
+            self.extra["rss"] = {**result, "workers": workers, "peer": peer.key}
+            self.add(
+                "rss_growth",
+                peer.key,
+                peer.label,
+                max(map(abs, result["growth_since_start_mb"])),
+                "MB",
+                workers=workers,
+                detail=result,
+                conditions={"tasks": n},
+            )
+
+        return Series(
+            f"RSS: {peer.label}",
+            lambda: harness.measure_rss(self.server, peer, workers, n),
+            record,
+            repeat=False,
         )
 
-    def execute(self) -> None:
-        """Every measurement, in an order that keeps the heavy fill for last."""
-        by_measure = {
+    def plan(self) -> list[Series]:
+        """Every measurement of this run, in order (the heavy fill of finished rows last)."""
+        having = {
             m: [p for p in self.peers if m in p.measures]
             for m in ("drain", "latency", "enqueue", "rss")
         }
-        underway_selected = any(p.is_underway for p in self.peers)
-        if underway_selected:
-            self.attempt("round trips per task", self.round_trips)
-        for peer in by_measure["enqueue"]:
-            self.attempt(f"enqueue: {peer.label}", lambda peer=peer: self.enqueue(peer))
+        series = [self.enqueue_series(p) for p in having["enqueue"]]
         if self.wanted("pgbench") and self.server.pgbench() is not None:
-            for clients in (1, 2):
-                for async_commit in (False, True):
-                    self.attempt(
-                        f"pgbench: {clients} client(s), async={async_commit}",
-                        lambda c=clients, a=async_commit: self.pgbench(c, a),
-                    )
-        for peer in sorted(by_measure["drain"], key=lambda p: p.key == "underway_finished"):
+            series += [self.pgbench_series(c, a) for c in (1, 2) for a in (False, True)]
+        for peer in sorted(having["drain"], key=lambda p: p.key == "underway_finished"):
             for workers in (1, 2):
-                if peer.key == "underway_finished" and workers == 1:
+                if not (peer.key == "underway_finished" and workers == 1):
+                    series.append(self.drain_series(peer, workers))
+        series += [self.latency_series(p) for p in having["latency"]]
+        series += [self.rss_series(p) for p in having["rss"]]
+        return series
+
+    def execute(self) -> None:
+        """Take the runs of every series in rounds, then record their figures."""
+        if any(p.is_underway for p in self.peers):
+            self.attempt("round trips per task", self.round_trips)
+        plan = self.plan()
+        for round_ in range(self.sizes.runs):
+            for series in plan:
+                if round_ and not series.wants_more(self.sizes.slow_run_s):
                     continue
-                self.attempt(
-                    f"drain: {peer.label}, {workers} worker(s)",
-                    lambda p=peer, w=workers: self.drain(p, w),
-                )
-        for peer in by_measure["latency"]:
-            self.attempt(f"latency: {peer.label}", lambda p=peer: self.latency(p))
-        for peer in by_measure["rss"]:
-            self.attempt(f"RSS: {peer.label}", lambda p=peer: self.rss(p))
+                self.attempt(f"{series.what} (run {round_ + 1})", series.take)
+        for series in plan:
+            if series.runs:
+                self.attempt(f"record {series.what}", lambda s=series: s.record(s.runs))
 
     def meta(self, started: float, argv: list[str]) -> dict[str, Any]:
         """The conditions every figure shares."""
