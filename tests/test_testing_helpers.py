@@ -204,6 +204,24 @@ def test_drain_of_exactly_limit_steps_does_not_raise(ldsn):
     assert task.status() is TaskState.SUCCEEDED
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: at the limit, drain asks ready_count (which counts tasks of paused queues) "
+    "and makes paused delayed tasks due, so a paused task left over makes it raise "
+    "'tasks keep coming'",
+)
+@pytest.mark.parametrize("paused", ["ready", "delayed"])
+def test_drain_at_the_limit_is_not_fooled_by_paused_tasks(ldsn, paused):
+    """Exactly ``limit`` steps ran and all that is left is a task in a paused queue (ready,
+    or delayed): nothing keeps coming, so drain returns instead of raising."""
+    admin.pause("lifecycle-one")
+    held = jl.one.enqueue({"n": 1}, delay=3600 if paused == "delayed" else None)
+    task = jl.two.enqueue({"n": 2})
+    assert drain(limit=2) == 2
+    assert [task.status(), held.status()] == ["succeeded", "pending"]
+
+
 # -- how a project tests its own job (quoted by the README) ---------------------------------
 
 welcome = Job("lifecycle-welcome-email")
