@@ -667,10 +667,13 @@ def test_key_is_free_again_once_its_task_finished(ldsn, make_worker, ending):
 
 
 @pytest.mark.timeout(30)
-def test_key_replace_does_not_rewrite_a_task_waiting_between_steps(ldsn, make_worker):
+@pytest.mark.parametrize("mode", ["replace", "preserve_run_at", "keep"])
+def test_keyed_enqueue_never_rewrites_a_task_waiting_between_steps(ldsn, make_worker, mode):
     """A keyed task ran step 0, which returned To.delay(1 h, its output): it is pending at
-    step 1. Enqueueing the same key again must not hand step 1 the new job input: step 1
-    receives the output of step 0."""
+    step 1, under way. Enqueueing the same key again must not hand step 1 the new job input
+    or move its run time: step 1 receives the output of step 0. As for a running holder,
+    replace/preserve_run_at make a new task that takes the key and runs with the new input;
+    keep does nothing and returns the task under way."""
     w = make_worker()
     task = jl.keyed.enqueue({"wait": True}, key="k")
     assert w.run_once() is True
@@ -679,14 +682,29 @@ def test_key_replace_does_not_rewrite_a_task_waiting_between_steps(ldsn, make_wo
     step1_input = row["input"]
     assert step1_input == {"stage": "second", "from": {"wait": True}}
 
-    jl.keyed.enqueue({"v": 2}, key="k")
-    assert task_row(ldsn, task.id)["input"] == step1_input
+    new = jl.keyed.enqueue({"v": 2}, key="k", key_mode=mode)
+    after = task_row(ldsn, task.id)
+    assert (after["input"], after["run_at"]) == (step1_input, row["run_at"])
+    if mode == "keep":
+        assert new == task
+        assert after["key"] == "k"
+    else:
+        assert new != task
+        assert keyed_rows(ldsn, "k") == [(new.id, "pending", {"v": 2})]
+        assert after["key"] is None
     run_all(w, ldsn)
     assert query(
         ldsn,
         "SELECT input FROM lifecycle_effect WHERE task_id = %s AND step = 1",
         (task.id,),
     ) == [(step1_input,)]
+    if mode != "keep":
+        assert new.status() is TaskState.SUCCEEDED
+        assert query(
+            ldsn,
+            "SELECT input FROM lifecycle_effect WHERE task_id = %s AND step = 0",
+            (new.id,),
+        ) == [({"v": 2},)]
 
 
 RACE_APP = "lifecycle-key-race"
