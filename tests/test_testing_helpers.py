@@ -205,12 +205,6 @@ def test_drain_of_exactly_limit_steps_does_not_raise(ldsn):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: at the limit, drain asks ready_count (which counts tasks of paused queues) "
-    "and makes paused delayed tasks due, so a paused task left over makes it raise "
-    "'tasks keep coming'",
-)
 @pytest.mark.parametrize("paused", ["ready", "delayed"])
 def test_drain_at_the_limit_is_not_fooled_by_paused_tasks(ldsn, paused):
     """Exactly ``limit`` steps ran and all that is left is a task in a paused queue (ready,

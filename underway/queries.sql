@@ -171,11 +171,6 @@ WITH expired AS (
 )
 SELECT id, pg_notify('underway', '') FROM released;
 
--- name: ready_count
--- How many tasks of these jobs are ready to run now.
-SELECT count(*) FROM underway.task
-WHERE state = 'pending' AND run_at <= now() AND job = ANY (%(jobs)s);
-
 -- name: schema_version
 -- The newest migration applied; fails with undefined_table when there is no schema.
 SELECT max(version) FROM underway.migration;

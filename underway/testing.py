@@ -58,7 +58,9 @@ def drain(
     try:
         while True:
             if ran == limit:
-                if (run_delayed and _make_delayed_due(worker)) or _ready(worker):
+                if run_delayed:
+                    _make_delayed_due(worker)
+                if _claimable(worker):
                     raise RuntimeError(
                         f"drain ran {limit} steps and tasks keep coming: does a job enqueue "
                         "itself? Pass a higher limit= if this is expected"
@@ -80,11 +82,15 @@ def _make_delayed_due(worker: Worker) -> bool:
         return bool(cur.rowcount)
 
 
-def _ready(worker: Worker) -> bool:
-    """Whether a task of the worker's jobs is ready to run."""
+def _claimable(worker: Worker) -> bool:
+    """Whether the worker could claim a task now: a claim, rolled back."""
     with worker.connect().cursor() as cur:
-        cur.execute(QUERIES["ready_count"], {"jobs": worker.job_names})
-        return bool(cur.fetchone()[0])
+        cur.execute("BEGIN")
+        try:
+            cur.execute(QUERIES["claim_task"], {"jobs": worker.job_names, "token": 1, "lease": 1})
+            return cur.fetchone() is not None
+        finally:
+            cur.execute("ROLLBACK")
 
 
 def run_inline(
