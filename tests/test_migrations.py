@@ -17,6 +17,7 @@ import psycopg2
 import pytest
 
 import underway
+from underway.testing import drain
 
 from .helpers import REPO_ROOT, query, run_python, scalar
 from .pgtest import PgTestServer
@@ -97,7 +98,7 @@ def test_run_migrations_applies_once_then_is_idempotent(empty_dsn: str) -> None:
 def test_upgrade_from_version_1_keeps_tasks_and_backfills_them(empty_dsn: str) -> None:
     """A database at version 1 with queued and finished tasks upgrades to the latest: the
     tasks stay, in their job's queue (NULL), finished ones expiring 14 days after they
-    finished."""
+    finished, and the queued one then runs to the end on the new version."""
     from underway.migrations import BOOTSTRAP_SQL, migrations
 
     first = migrations()[0]
@@ -120,6 +121,15 @@ def test_upgrade_from_version_1_keeps_tasks_and_backfills_them(empty_dsn: str) -
         ("1", None, None),
         ("2", None, datetime.timedelta(days=14)),
     ]
+    upgraded = underway.Job("migrations-upgrade")
+    seen = []
+    upgraded.step(lambda cx, inp: seen.append(inp))
+    try:
+        assert drain([upgraded], dsn=empty_dsn) == 1
+    finally:
+        underway.job._registry.pop(upgraded.name, None)
+    assert seen == [1]
+    assert scalar(empty_dsn, "SELECT count(*) FROM underway.task WHERE state = 'succeeded'") == 2
 
 
 def _migrate_at_once(dsn: str, barrier: Any, results: Any) -> None:
