@@ -132,6 +132,24 @@ def test_upgrade_from_version_1_keeps_tasks_and_backfills_them(empty_dsn: str) -
     assert scalar(empty_dsn, "SELECT count(*) FROM underway.task WHERE state = 'succeeded'") == 2
 
 
+def test_supervisor_refuses_a_schema_older_than_it_needs(empty_dsn: str) -> None:
+    """Against a database migrated only to version 1, the supervisor exits 1 with one line
+    saying the schema is too old and to run the migrations, and starts nothing."""
+    from underway.migrations import BOOTSTRAP_SQL, migrations
+
+    with psycopg2.connect(empty_dsn) as conn, conn.cursor() as cur:
+        cur.execute(BOOTSTRAP_SQL)
+        cur.execute(migrations()[0].sql)
+        cur.execute("INSERT INTO underway.migration VALUES (1, 'initial')")
+    conn.close()
+    result = run_python(["-m", "underway.supervisor", "jobs_enqueue", "--dsn", empty_dsn])
+    assert result.returncode == 1, result
+    assert result.stderr.strip().splitlines() == [
+        "underway: the underway schema is at version 1, this version needs 2: "
+        "run underway.run_migrations(dsn)"
+    ], result.stderr
+
+
 def _migrate_at_once(dsn: str, barrier: Any, results: Any) -> None:
     """Child process: wait for the others, then migrate; report the outcome on the queue."""
     try:
