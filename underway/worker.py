@@ -124,6 +124,7 @@ class Worker(Service):
         # A claim (token, reason, whether the try counts) held when the connection broke,
         # to give back once reconnected.
         self._orphan: tuple[int, str, bool] | None = None
+        self.clock = StepClock()
 
     def turn(self) -> None:
         """Run one ready task; with none ready, wait for one (or stop, in burst mode)."""
@@ -203,7 +204,8 @@ class Worker(Service):
     def execute(self, claim: Claim) -> None:
         """Run the claimed task's step and commit its outcome with its effects."""
         job = self.jobs[claim.job]
-        conn = self.connect()
+        conn = self.conn  # just used by the claim: no need to look at it again
+        assert conn is not None
         step = job.steps[claim.step] if claim.step < len(job.steps) else None
         timeout = step.timeout if step is not None else job.timeout
         deadline = time.monotonic() + timeout
@@ -227,7 +229,7 @@ class Worker(Service):
                         f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
                         "were steps removed while tasks were queued?"
                     )
-                result = run_with_timeout(step.function, cx, claim.input, timeout)
+                result = self.clock.run(step.function, cx, claim.input, timeout)
                 outcome, next_input = self._outcome(job, step, result)
                 event, details = self._finish(conn, cx, claim, outcome, next_input)
             except (Exception, StepTimeout) as exc:
@@ -411,48 +413,59 @@ class Worker(Service):
         )
 
 
-class _StepClock(threading.local):
-    """Whether this thread is inside a step that SIGALRM may interrupt."""
+class StepClock:
+    """Stops a step that runs past its timeout by raising :class:`StepTimeout` in it.
 
-    armed = False
-    timeout = 0.0
+    SIGALRM does the interrupting, so only in the main thread, and only if nobody else uses
+    the timer (a test runner's own timeout, say), as seen at the first step: elsewhere a
+    step runs unbounded, and only the supervisor's deadline stands. A step that returns
+    late, having swallowed the interruption, has timed out all the same.
+    """
+
+    def __init__(self) -> None:
+        self.usable: bool | None = None  # decided at the first step
+        self.armed = False
+        self.timeout = 0.0
+
+    def run(self, function: Any, cx: Context, inp: Any, timeout: float) -> Any:
+        """Call a step, interrupting it once ``timeout`` seconds pass."""
+        global _armed_clock
+        if self.usable is None:
+            self.usable = _take_timer()
+        started = time.monotonic()
+        if self.usable:
+            self.armed, self.timeout, _armed_clock = True, timeout, self
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            result = function(cx, inp)
+        finally:
+            if self.usable:
+                self.armed = False
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        if time.monotonic() - started > timeout:
+            raise StepTimeout(f"the step ran past its timeout of {timeout:g}s")
+        return result
 
 
-_clock = _StepClock()
+_armed_clock: StepClock | None = None
 
 
 def _on_alarm(signum: int, frame: Any) -> None:
     """SIGALRM: the running step is over its time. Outside a step (the alarm raced the
-    step's return) there is nothing to stop; :func:`run_with_timeout` sees it is late."""
-    if _clock.armed:
-        _clock.armed = False
-        raise StepTimeout(f"the step ran past its timeout of {_clock.timeout:g}s")
+    step's return) there is nothing to stop; StepClock.run sees that the step was late."""
+    clock = _armed_clock
+    if clock is not None and clock.armed:
+        clock.armed = False
+        raise StepTimeout(f"the step ran past its timeout of {clock.timeout:g}s")
 
 
-def run_with_timeout(function: Any, cx: Context, inp: Any, timeout: float) -> Any:
-    """Call a step, interrupting it with :class:`StepTimeout` once ``timeout`` seconds pass.
-
-    SIGALRM does the interrupting, so only in the main thread, and only when nobody else
-    uses the timer (a test runner's own timeout, say): there the step runs unbounded, and
-    only the supervisor's deadline stands. A step that returns late, having swallowed the
-    interruption, has timed out all the same.
-    """
-    usable = (
-        threading.current_thread() is threading.main_thread()
-        and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, _on_alarm)
-        and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
-    )
-    started = time.monotonic()
-    if usable:
-        signal.signal(signal.SIGALRM, _on_alarm)
-        _clock.armed, _clock.timeout = True, timeout
-        signal.setitimer(signal.ITIMER_REAL, timeout)
-    try:
-        result = function(cx, inp)
-    finally:
-        if usable:
-            _clock.armed = False
-            signal.setitimer(signal.ITIMER_REAL, 0)
-    if time.monotonic() - started > timeout:
-        raise StepTimeout(f"the step ran past its timeout of {timeout:g}s")
-    return result
+def _take_timer() -> bool:
+    """Whether SIGALRM is free for underway (or already ours); if so, take it."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, _on_alarm):
+        return False
+    if signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
+        return False
+    signal.signal(signal.SIGALRM, _on_alarm)
+    return True
