@@ -647,6 +647,25 @@ def test_key_held_by_a_running_task(ldsn, make_worker, mode):
 
 
 @pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["replace", "preserve_run_at", "keep"])
+def test_a_holder_being_cancelled_gives_its_key_up_in_every_mode(ldsn, make_worker, mode):
+    """A running holder whose cancellation was asked for will not do the work: an enqueue of
+    its key, in any mode (keep included), makes a new task that holds the key and runs."""
+    w = make_worker()
+    running = jl.keyed.enqueue({"v": 1}, key="k")
+    claim = w.claim()
+    assert claim is not None and claim.id == running.id
+    assert running.cancel()
+    new = jl.keyed.enqueue({"v": 2}, key="k", key_mode=mode)
+    assert new != running
+    assert keyed_rows(ldsn, "k") == [(new.id, "pending", {"v": 2})]
+    w.execute(claim)
+    run_all(w, ldsn)
+    assert running.status() is TaskState.CANCELLED
+    assert new.status() is TaskState.SUCCEEDED
+
+
+@pytest.mark.timeout(30)
 @pytest.mark.parametrize("ending", ["succeeded", "cancelled", "failed"])
 def test_key_is_free_again_once_its_task_finished(ldsn, make_worker, ending):
     """After the task holding a key succeeded, was cancelled or failed, enqueueing the key

@@ -87,6 +87,7 @@ DECLARE
     found_id bigint;
     found_state underway.task_state;
     found_step integer;
+    found_cancelled boolean;
     task_id bigint;
 BEGIN
     IF job IS NULL OR btrim(job) = '' THEN
@@ -122,14 +123,18 @@ BEGIN
     keep_for := coalesce(keep_for, registered.keep_for, interval '14 days');
     LOOP
         IF key IS NOT NULL THEN
-            SELECT t.id, t.state, t.step INTO found_id, found_state, found_step
+            SELECT t.id, t.state, t.step, t.cancel_requested_at IS NOT NULL
+            INTO found_id, found_state, found_step, found_cancelled
             FROM underway.task AS t
             WHERE t.job = enqueue.job AND t.key = enqueue.key
               AND t.state IN ('pending', 'running')
             FOR UPDATE;
             -- A task that began (running, or pending between steps) is under way: its input
-            -- is a step's output and must not be rewritten.
-            IF found_state = 'running' OR found_step > 0 THEN
+            -- is a step's output and must not be rewritten. One being cancelled will not do
+            -- the work asked for: it gives the key up in every mode.
+            IF found_cancelled THEN
+                UPDATE underway.task AS t SET key = NULL WHERE t.id = found_id;
+            ELSIF found_state = 'running' OR found_step > 0 THEN
                 IF key_mode = 'keep' THEN
                     RETURN found_id;
                 END IF;
