@@ -21,8 +21,9 @@ from types import TracebackType
 from typing import Any, Callable, TypeVar
 
 import psutil
-import psycopg2
 from psycopg2.extensions import parse_dsn
+
+from .jobs_common import sql
 
 T = TypeVar("T")
 
@@ -60,16 +61,8 @@ def wait_until(
         time.sleep(interval)
 
 
-def query(dsn: str, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> list:
-    """Run one statement on its own short autocommit connection; return all rows as tuples."""
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(sql, params)
-            return list(cur.fetchall()) if cur.description is not None else []
-    finally:
-        conn.close()
+query = sql
+"""Run one statement on its own short autocommit connection; return all rows as tuples."""
 
 
 def scalar(dsn: str, sql: str, params: Sequence[Any] | Mapping[str, Any] | None = None) -> Any:

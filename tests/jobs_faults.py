@@ -20,6 +20,7 @@ import time
 from typing import Any, Callable
 
 import psycopg2
+from jobs_common import sql
 
 from underway import Job, RetryPolicy, To
 
@@ -108,18 +109,6 @@ def kill_own_worker(cx: Any, inp: Any) -> None:
 
 
 # -- SQL helpers for the tests -----------------------------------------------------------------
-
-
-def sql(dsn: str, statement: str, params: Any = None) -> list[tuple[Any, ...]]:
-    """Run one statement on a short-lived autocommit connection; return its rows."""
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(statement, params)
-            return list(cur.fetchall()) if cur.description is not None else []
-    finally:
-        conn.close()
 
 
 def enqueue_fresh(dsn: str, job: Job, inputs: list[Any]) -> list[int]:

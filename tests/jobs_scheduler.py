@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import psycopg2
+from jobs_common import sql
 
 from underway import Job
 
@@ -30,13 +30,7 @@ CREATE TABLE IF NOT EXISTS sched_runs (
 
 def prepare(dsn: str) -> None:
     """Create the table the steps write to."""
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(RUNS_DDL)
-    finally:
-        conn.close()
+    sql(dsn, RUNS_DDL)
 
 
 def record(cx: Any, inp: Any) -> None:

@@ -26,7 +26,7 @@ import time
 from collections import Counter
 from typing import Any
 
-import psycopg2
+from jobs_common import sql
 
 from underway import Job, RetryPolicy, To
 
@@ -61,13 +61,7 @@ RETRY = RetryPolicy(max_attempts=3, initial_interval=30)
 
 def prepare(dsn: str) -> None:
     """Create the table the steps record their runs in."""
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(DDL)
-    finally:
-        conn.close()
+    sql(dsn, DDL)
 
 
 def run(cx: Any, inp: Any) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.extras
+from jobs_common import sql
 
 from underway import Job, RetryPolicy
 
@@ -31,13 +32,7 @@ CREATE TABLE IF NOT EXISTS sql_effect (
 
 def prepare(dsn: str) -> None:
     """Create the table the steps record their calls in."""
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(DDL)
-    finally:
-        conn.close()
+    sql(dsn, DDL)
 
 
 def record(cx: Any, inp: Any) -> None:

@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import psycopg2
+from jobs_common import sql
 
 from underway import Job, RetryPolicy, To
 
@@ -56,13 +57,7 @@ ONCE = RetryPolicy(max_attempts=1)
 
 def prepare(dsn: str) -> None:
     """Create the tables the steps write to."""
-    conn = psycopg2.connect(dsn, connect_timeout=10)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(DDL)
-    finally:
-        conn.close()
+    sql(dsn, DDL)
 
 
 def mark(cx: Any, note: str | None = None) -> None:
