@@ -371,22 +371,30 @@ $$;
 -- aim at its first ready task; its row lock lets one through, and the other sees an
 -- earlier ready (or running) task in front of every later one, so a serial queue never
 -- has two tasks under way at once.
-CREATE OR REPLACE FUNCTION underway.claim_task(
-    jobs text[], token bigint, lease_seconds double precision
+-- With async_claim (the default, as in 0001), the claim is meant to be a transaction of its
+-- own and commits asynchronously; a worker that claims its next task in the transaction that
+-- completes the previous one passes false, and the completion's commit stays synchronous.
+DROP FUNCTION underway.claim_task(text[], bigint, double precision);
+CREATE FUNCTION underway.claim_task(
+    jobs text[], token bigint, lease_seconds double precision, async_claim boolean DEFAULT true
 )
 RETURNS SETOF underway.task
 LANGUAGE plpgsql
 SET enable_sort = off
 AS $$
 BEGIN
-    PERFORM set_config('synchronous_commit', 'off', true);
+    IF async_claim THEN
+        PERFORM set_config('synchronous_commit', 'off', true);
+    END IF;
     RETURN QUERY
     UPDATE underway.task AS t
     SET state = 'running',
         attempts = t.attempts + 1,
         claim_token = token,
-        lease_expires_at = now() + make_interval(secs => lease_seconds),
-        started_at = now()
+        -- The clock, not now(): a claim made in the transaction that recorded the previous
+        -- task began with that task's step.
+        lease_expires_at = clock_timestamp() + make_interval(secs => lease_seconds),
+        started_at = clock_timestamp()
     FROM (
         SELECT c.id FROM underway.task AS c
         WHERE c.state = 'pending' AND c.run_at <= now() AND c.job = ANY (jobs)

@@ -23,7 +23,10 @@ from typing import Any, Callable, TypeVar
 import psutil
 from psycopg2.extensions import parse_dsn
 
-from .jobs_common import sql
+try:
+    from .jobs_common import sql
+except ImportError:  # imported by plain name (``import helpers``), as subprocesses may
+    from jobs_common import sql  # type: ignore[no-redef]
 
 T = TypeVar("T")
 

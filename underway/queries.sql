@@ -46,28 +46,44 @@ ORDER BY run_at
 LIMIT 1;
 
 -- name: complete_task
--- Mark the claimed task succeeded and record the try, fenced on the claim token.
-WITH done AS (
-    UPDATE underway.task
-    SET state = 'succeeded', claim_token = NULL,
-        lease_expires_at = NULL, error = NULL
-    WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
-    RETURNING id, step, attempts, started_at
+-- Mark the claimed task succeeded and record the try, fenced on the claim token; in the
+-- same statement (one round trip, one commit) claim the worker's next task, unless `jobs`
+-- is empty. The claim runs first (the completion reads its result), so it never sees the
+-- task being completed. Returns one row: whether the completion happened, NULL (the
+-- task's new state, see advance_task), and the claimed task's columns (NULLs for none).
+WITH claimed AS (
+    SELECT id, job, step, input, attempts, max_attempts, scheduled_at, serial_queue
+    FROM underway.claim_task(%(jobs)s, %(next_token)s, %(lease)s, false)
+), done AS (
+    UPDATE underway.task AS t
+    SET state = 'succeeded', claim_token = NULL, lease_expires_at = NULL, error = NULL
+    WHERE t.id = %(id)s AND t.claim_token = %(token)s AND t.state = 'running'
+      AND NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.id = t.id)
+    RETURNING t.id, t.step, t.attempts, t.started_at
+), recorded AS (
+    INSERT INTO underway.attempt (task_id, step, attempt, outcome, started_at)
+    SELECT id, step, attempts, 'succeeded', started_at FROM done
 )
-INSERT INTO underway.attempt (task_id, step, attempt, outcome, started_at)
-SELECT id, step, attempts, 'succeeded', started_at FROM done;
+SELECT (SELECT count(*) FROM done) = 1, NULL::text, claimed.*
+FROM (VALUES (1)) AS one
+LEFT JOIN claimed ON true;
 
 -- name: cancel_requested
 -- Whether cancelling the task was asked for (Context.cancelled).
 SELECT cancel_requested_at IS NOT NULL FROM underway.task WHERE id = %(id)s;
 
 -- name: advance_task
--- Move the claimed task on to its next step with the previous step's output,
--- fenced on the claim token. The try of the finished step is recorded. Returns the
--- task's new state: 'cancelled' when its cancellation was asked for meanwhile.
-WITH finished AS (
-    SELECT id, step, attempts, started_at FROM underway.task
-    WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
+-- Move the claimed task on to its next step with the previous step's output, fenced on
+-- the claim token, recording the finished step's try; and claim the worker's next task
+-- as complete_task does. Returns one row: whether the task advanced, its new state
+-- ('cancelled' when its cancellation was asked for meanwhile), and the claimed task.
+WITH claimed AS (
+    SELECT id, job, step, input, attempts, max_attempts, scheduled_at, serial_queue
+    FROM underway.claim_task(%(jobs)s, %(next_token)s, %(lease)s, false)
+), finished AS (
+    SELECT t.id, t.step, t.attempts, t.started_at FROM underway.task AS t
+    WHERE t.id = %(id)s AND t.claim_token = %(token)s AND t.state = 'running'
+      AND NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.id = t.id)
     FOR UPDATE
 ), advanced AS (
     UPDATE underway.task AS t
@@ -82,7 +98,9 @@ WITH finished AS (
     SELECT finished.id, finished.step, finished.attempts, 'succeeded', finished.started_at
     FROM finished JOIN advanced USING (id)
 )
-SELECT state::text FROM advanced;
+SELECT (SELECT count(*) FROM advanced) = 1, (SELECT state::text FROM advanced), claimed.*
+FROM (VALUES (1)) AS one
+LEFT JOIN claimed ON true;
 
 -- name: fail_task
 -- Record a failed (or timed-out) try of the claimed task; retry it at the given delay

@@ -77,6 +77,7 @@ class Service:
             if self._parent != os.getppid():
                 self.log.warning("supervisor is gone; %s stopping", self.role)
                 self.stop()
+        self.on_stop()
         self.disconnect()
 
     def turn(self) -> None:
@@ -98,6 +99,9 @@ class Service:
 
     def on_connect(self) -> None:
         """Called after each (re)connection; subclasses may catch up on what they missed."""
+
+    def on_stop(self) -> None:
+        """Called once the service stopped taking turns, before it disconnects."""
 
     def disconnect(self) -> None:
         """Close the connection, if open; errors closing a dead one do not matter."""

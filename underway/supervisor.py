@@ -346,7 +346,9 @@ class Supervisor:
         timed_out = process.pid in self.timed_out
         self.timed_out.discard(process.pid)
         how = describe_exit(status)
-        token, task_id, _ = (0, 0, 0.0) if slot == SCHEDULER else self.slots.read(slot)
+        token, task_id, deadline, next_token = (
+            (0, 0, 0.0, 0) if slot == SCHEDULER else self.slots.read(slot)
+        )
         if slot != SCHEDULER:
             self.slots.clear(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
@@ -356,8 +358,15 @@ class Supervisor:
                 reason = f"the step ran past its timeout; {reason} by the supervisor"
             elif not ours:
                 reason += " while running the step"
-            outcome = "timed_out" if timed_out else "interrupted" if ours else "crashed"
-            self.unreleased.append(DeadChild(process, token, not ours, reason, outcome))
+            # A try counts when its step had started (it has a deadline) and we did not stop it.
+            counts = not ours and deadline > 0
+            outcome = "timed_out" if timed_out else "crashed" if counts else "interrupted"
+            self.unreleased.append(DeadChild(process, token, counts, reason, outcome))
+            if next_token:
+                not_started = f"worker process {process.pid} {how} before starting it"
+                self.unreleased.append(
+                    DeadChild(process, next_token, False, not_started, "interrupted")
+                )
             self.release_unreleased()
         if clean or ours:
             log.info("%s %s", process.name, how)
@@ -457,7 +466,7 @@ class Supervisor:
         found = []
         for process in self.processes.values():
             if process.slot != SCHEDULER:
-                _, task_id, deadline = self.slots.read(process.slot)
+                _, task_id, deadline, _ = self.slots.read(process.slot)
                 if task_id:
                     found.append((process.pid, task_id, deadline))
         return found

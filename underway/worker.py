@@ -2,18 +2,21 @@
 
 :meth:`Worker.run` is the whole loop; read it first. Each turn, :meth:`Worker.run_once`
 
-1. claims the next ready task in a short transaction of its own (the try is counted
-   there, so a worker that dies mid-step has still used it up);
+1. takes the task claimed while recording the previous one, or else claims the next
+   ready task in a short transaction of its own; either way the claim, which counts the
+   try, is committed before the step starts, so a worker that dies mid-step has used it up;
 2. calls the step with a :class:`~underway.context.Context`; the step's writes through it
    go into a second transaction;
 3. in that same transaction records the outcome: the next step, the end of the job, or
    a failure to retry, fenced on the claim token so a worker that lost its task (lease
-   lapsed, task reclaimed) can change nothing;
+   lapsed, task reclaimed) can change nothing; and, in the same statement, claims the
+   next ready task;
 4. commits.
 
 A step's effects, its completion and the enqueue of its next step thus commit together or
-not at all. When no task is ready, the worker waits on LISTEN/NOTIFY, and never longer
-than the poll interval or the time until the next delayed task is due.
+not at all, and a busy worker spends one round trip and one commit per task. When no task
+is ready, the worker waits on LISTEN/NOTIFY, and never longer than the poll interval or the
+time until the next delayed task is due.
 
 A step that runs past its timeout is interrupted by SIGALRM (raising
 :class:`~underway.errors.StepTimeout` in it); one stuck where Python cannot interrupt it
@@ -23,6 +26,7 @@ worker's slot.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -121,14 +125,16 @@ class Worker(Service):
         self.tasks_run = 0
         self.slots = slots or Slots(1)
         self.slot = slot if slots else 0
-        # A claim (token, reason, whether the try counts) held when the connection broke,
+        # Claims (token, reason, whether the try counts) held when the connection broke,
         # to give back once reconnected.
-        self._orphan: tuple[int, str, bool] | None = None
+        self._orphans: list[tuple[int, str, bool]] = []
+        # The next task, claimed in the transaction that completed the previous one.
+        self._next: Claim | None = None
         self.clock = StepClock()
 
     def turn(self) -> None:
         """Run one ready task; with none ready, wait for one (or stop, in burst mode)."""
-        if self.run_once():
+        if self.run_once(claim_next=True):
             self.tasks_run += 1
             if self.max_tasks is not None and self.tasks_run >= self.max_tasks:
                 log.info(
@@ -141,19 +147,35 @@ class Worker(Service):
         else:
             self.wait()
 
-    def run_once(self) -> bool:
-        """Claim and run one ready task; False when none was ready."""
-        claim = self.claim()
+    def run_once(self, claim_next: bool = False) -> bool:
+        """Claim and run one ready task; False when none was ready.
+
+        With ``claim_next`` (the worker loop), the transaction that records the task's
+        outcome also claims the next one, saving a round trip and a commit per task; the
+        next call runs it.
+        """
+        claim, self._next = self._next or self.claim(), None
         if claim is None:
             return False
         try:
-            self.execute(claim)
+            self.execute(claim, claim_next)
         finally:
             # A task still to give back stays posted, so that if this process dies
             # before it reconnects, the supervisor gives it back instead.
-            if self._orphan is None:
-                self.slots.clear(self.slot)
+            if not self._orphans:
+                if self._next is not None:
+                    self.slots.post(self.slot, self._next.token, self._next.id)
+                else:
+                    self.slots.clear(self.slot)
         return True
+
+    def on_stop(self) -> None:
+        """Give back a next task claimed but not started: it was not tried."""
+        if self._next is not None and self.conn is not None:
+            self._orphans.append((self._next.token, "the worker stopped before starting it", False))
+            self._next = None
+            with contextlib.suppress(*DATABASE_ERRORS):
+                self.give_back_orphans()
 
     def on_connect(self) -> None:
         """Set the session up; after a reconnect, give back the task held when the
@@ -162,8 +184,8 @@ class Worker(Service):
             assert self.conn is not None
             with self.conn.cursor() as cur:
                 cur.execute("SET synchronous_commit = off")
-        if self._orphan is not None:
-            self.give_back_orphan()
+        if self._orphans:
+            self.give_back_orphans()
 
     # -- claiming and waiting -----------------------------------------------------
 
@@ -181,7 +203,7 @@ class Worker(Service):
                 row = cur.fetchone()
         except DATABASE_ERRORS:
             # The claim may have committed: give it back, uncounted, once reconnected.
-            self._orphan = (token, "connection lost while claiming", False)
+            self._orphans.append((token, "connection lost while claiming", False))
             raise
         if row is None:
             self.slots.clear(self.slot)
@@ -201,8 +223,9 @@ class Worker(Service):
 
     # -- running a step -----------------------------------------------------------
 
-    def execute(self, claim: Claim) -> None:
-        """Run the claimed task's step and commit its outcome with its effects."""
+    def execute(self, claim: Claim, claim_next: bool = False) -> None:
+        """Run the claimed task's step and commit its outcome with its effects (and, with
+        ``claim_next``, the claim of the next task, kept in ``_next``)."""
         job = self.jobs[claim.job]
         conn = self.conn  # just used by the claim: no need to look at it again
         assert conn is not None
@@ -231,7 +254,7 @@ class Worker(Service):
                     )
                 result = self.clock.run(step.function, cx, claim.input, timeout)
                 outcome, next_input = self._outcome(job, step, result)
-                event, details = self._finish(conn, cx, claim, outcome, next_input)
+                event, details = self._finish(conn, cx, claim, outcome, next_input, claim_next)
             except (Exception, StepTimeout) as exc:
                 if conn.closed:
                     raise
@@ -241,9 +264,13 @@ class Worker(Service):
                 raise
             # The session is gone, and the step's transaction with it: give the task back
             # as soon as a new connection is up.
-            self._orphan = (claim.token, f"connection lost during step: {exc}", True)
+            self._orphans.append((claim.token, f"connection lost during step: {exc}", True))
             raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
         self._log(event, claim, step, duration=time.perf_counter() - started, **details)
+
+    def _last_task_due(self) -> bool:
+        """Whether the task now ending is the last this worker may run (``max_tasks``)."""
+        return self.max_tasks is not None and self.tasks_run + 1 >= self.max_tasks
 
     def _outcome(self, job: Job, step: Step, result: Any) -> tuple[To, str | None]:
         """Check what the step returned (a To, or None for done) against the job; returns
@@ -275,10 +302,22 @@ class Worker(Service):
         claim: Claim,
         outcome: To,
         next_input: str | None,
+        claim_next: bool = False,
     ) -> tuple[str, dict[str, Any]]:
-        """Record the outcome in the step's transaction (if it opened one) and commit;
-        returns the event to log."""
-        fence = {"id": claim.id, "token": claim.token}
+        """Record the outcome in the step's transaction (if it opened one), claim the next
+        task unless told not to or stopping, and commit; returns the event to log."""
+        next_token = 0
+        if claim_next and not self.stopping and not self._last_task_due():
+            next_token = random.getrandbits(63) or 1
+            # Posted first: if this process dies now, the supervisor gives both back.
+            self.slots.post(self.slot, claim.token, claim.id, cx.deadline or 0.0, next_token)
+        fence = {
+            "id": claim.id,
+            "token": claim.token,
+            "jobs": self.job_names if next_token else [],
+            "next_token": next_token,
+            "lease": self.lease,
+        }
         if next_input is None:
             sql, params = QUERIES["complete_task"], fence
         else:
@@ -291,11 +330,18 @@ class Worker(Service):
             }
             sql = QUERIES["advance_task"]
         with conn.cursor() as cur:
-            cur.execute(sql, params)
-            lost = cur.rowcount != 1
-            state = cur.fetchone()[0] if next_input is not None and not lost else None
-            if cx.in_transaction:
-                cur.execute("ROLLBACK" if lost else "COMMIT")
+            try:
+                cur.execute(sql, params)
+                done, state, *claimed = cur.fetchone()
+                lost = not done
+                if cx.in_transaction:
+                    cur.execute("ROLLBACK" if lost else "COMMIT")
+            except DATABASE_ERRORS:
+                if next_token and conn.closed:
+                    self._orphans.append((next_token, "connection lost while claiming", False))
+                raise
+            if claimed[0] is not None and not (lost and cx.in_transaction):
+                self._next = Claim(*claimed, token=next_token)
             if not lost and (outcome.wait or claim.serial_queue):
                 # Wake idle workers: for the next step later, or the serial queue's next task.
                 cur.execute("SELECT pg_notify('underway', '')")
@@ -348,25 +394,27 @@ class Worker(Service):
             return "cancelled", {"error": error}
         return "failed", {"error": error}
 
-    def give_back_orphan(self) -> None:
-        """After a reconnect, release the task held when the connection broke."""
-        assert self._orphan is not None and self.conn is not None
-        token, reason, counts = self._orphan
-        with self.conn.cursor() as cur:
-            cur.execute(
-                QUERIES["release_task"],
-                {
-                    "token": token,
-                    "counts": counts,
-                    "outcome": "crashed" if counts else "interrupted",
-                    "error": reason,
-                },
-            )
-            released = cur.fetchall()
-        self._orphan = None
+    def give_back_orphans(self) -> None:
+        """After a reconnect (or at a stop), release the tasks held when the connection
+        broke."""
+        assert self.conn is not None
+        while self._orphans:
+            token, reason, counts = self._orphans[0]
+            with self.conn.cursor() as cur:
+                cur.execute(
+                    QUERIES["release_task"],
+                    {
+                        "token": token,
+                        "counts": counts,
+                        "outcome": "crashed" if counts else "interrupted",
+                        "error": reason,
+                    },
+                )
+                released = cur.fetchall()
+            self._orphans.pop(0)
+            for task_id, state, _ in released:
+                log.warning("gave back task %s (now %s): %s", task_id, state, reason)
         self.slots.clear(self.slot)
-        for task_id, state, _ in released:
-            log.warning("gave back task %s after a lost connection (now %s)", task_id, state)
 
     def _log(
         self,

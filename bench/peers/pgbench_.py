@@ -1,11 +1,12 @@
-"""The ceiling: pgbench (C, libpq) running underway's claim-and-complete transaction shape
-on a pre-filled ``underway.task``.
+"""The ceiling: pgbench (C, libpq) running the classic claim-and-complete transaction on a
+pre-filled ``underway.task``, with underway's own SQL.
 
-The script is generated from ``underway/queries.sql``, so it sends the very statements an
-underway worker sends for a no-op task, one round trip each: ``claim_task`` (the claim
-``UPDATE ... FROM (SELECT ... WHERE state = 'pending' ORDER BY priority DESC, run_at, id
-LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING``, committed asynchronously, as underway does), then
-``complete_task`` (the fenced UPDATE and the attempt INSERT, committed synchronously). With
+Each task is one transaction of four round trips, as issue #6 defines the ceiling: BEGIN,
+underway's ``claim_task`` (the claim ``UPDATE ... FROM (SELECT ... WHERE state = 'pending'
+ORDER BY priority DESC, run_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING``), underway's
+``complete_task`` (the fenced UPDATE and the attempt INSERT, its claim of a next task turned
+off), COMMIT: one synchronous commit per task. An underway worker does the same work in one
+round trip per task, its completion and its next claim in one statement. With
 ``async_commit`` the session has ``synchronous_commit=off`` (via PGOPTIONS: no extra round
 trip), as underway's ``--async-commit`` workers do.
 """
@@ -28,7 +29,8 @@ SELECT 'bench-noop', to_jsonb(g) FROM generate_series(0, %(n)s - 1) AS g;
 
 
 def script() -> str:
-    """The pgbench script: underway's claim_task and complete_task with pgbench variables."""
+    """The pgbench script: the classic claim-and-complete transaction, four round trips
+    (BEGIN, underway's claim, underway's completion, COMMIT) and one commit per task."""
     from underway.queries import QUERIES
 
     def pgbench_sql(text: str) -> str:
@@ -40,13 +42,15 @@ def script() -> str:
         # pgbench ends a command at its semicolon: one line per statement keeps it simple.
         return " ".join(line for line in text.split("\n") if not line.startswith("--")).strip()
 
-    claim = pgbench_sql(QUERIES["claim_task"]).rstrip(";")
-    # Only the id is needed (and pgbench's \gset refuses NULL columns such as scheduled_at).
-    claim = re.sub(r"^SELECT .*? FROM", "SELECT id FROM", claim)
+    # underway's completion, with its claim of a next task turned off (no jobs).
+    complete = QUERIES["complete_task"].replace("%(jobs)s", "'{}'::text[]")
+    complete = complete.replace("%(next_token)s", "0")
     return (
         "\\set token random(1, 9000000000000000000)\n"
-        f"{claim} \\gset\n"
-        f"{pgbench_sql(QUERIES['complete_task'])}\n"
+        "BEGIN;\n"
+        "SELECT id FROM underway.claim_task(ARRAY['bench-noop'], :token, 30, false) \\gset\n"
+        f"{pgbench_sql(complete)}\n"
+        "COMMIT;\n"
     )
 
 
@@ -117,6 +121,6 @@ def _statement_latencies(output: str) -> list[str]:
     return [re.sub(r"\s+", " ", line.strip())[:90] for line in lines[1:] if line.strip()]
 
 
-ROUND_TRIPS = 2
-"""Round trips per pgbench transaction: the script's two SQL commands (``\\set`` runs in the
+ROUND_TRIPS = 4
+"""Round trips per pgbench transaction: the script's four SQL commands (``\\set`` runs in the
 client), each sent as one simple-protocol query."""
