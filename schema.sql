@@ -383,6 +383,9 @@ LANGUAGE plpgsql
 SET enable_sort = off
 AS $$
 BEGIN
+    IF cardinality(jobs) IS NOT DISTINCT FROM 0 OR jobs IS NULL THEN
+        RETURN;  -- nothing to claim: do not walk the queue to find so
+    END IF;
     IF async_claim THEN
         PERFORM set_config('synchronous_commit', 'off', true);
     END IF;
