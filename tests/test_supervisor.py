@@ -31,6 +31,8 @@ from jobs_faults import (
     worker_backends,
 )
 
+import underway
+
 from .faults_common import IDLE, MODULE, supervisor, wait_blocked, wait_idle
 from .helpers import Supervisor, dbname_of, run_python, wait_until
 from .pgtest import PgTestServer
@@ -101,6 +103,22 @@ def test_max_tasks_replaces_each_worker_after_that_many_tasks(fdsn: str) -> None
 
 
 # -- start-up errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"lease": 0.5}, "run_workers: lease must be between 1 and 86400 seconds, not 0.5"),
+        ({"grace": -1}, "run_workers: grace must be a number of seconds, 0 or more, not -1"),
+        ({"max_tasks": 0}, "run_workers: max_tasks must be at least 1"),
+        ({"workers": 0}, "run_workers: workers must be at least 1"),
+    ],
+)
+def test_run_workers_refuses_bad_options_before_starting(options, message) -> None:
+    """run_workers checks its options as the command line does, before it connects."""
+    with pytest.raises(underway.ConfigurationError) as info:
+        underway.run_workers({}, dsn="postgresql://nobody@127.0.0.1:1/none", **options)
+    assert str(info.value) == message
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ import psycopg2.extensions
 
 from .admin import purge_expired
 from .db import check_schema, close_quietly, connect, redact_dsn, resolve_dsn
-from .errors import UnderwayError
+from .errors import ConfigurationError, UnderwayError
 from .job import Job, registered_jobs
 from .queries import QUERIES
 from .scheduler import Scheduler
@@ -132,6 +132,25 @@ class SupervisorOptions:
     scheduler: bool = True
     async_commit: bool = False
     max_tasks: int | None = None
+
+    def problem(self) -> str | None:
+        """What is wrong with these options, named as the command line names them; or
+        None."""
+        if self.workers < 1:
+            return "workers must be at least 1"
+        if self.max_tasks is not None and self.max_tasks < 1:
+            return "max-tasks must be at least 1"
+        if not MIN_LEASE <= self.lease <= MAX_LEASE:
+            return (
+                f"lease must be between {MIN_LEASE:g} and {MAX_LEASE:g} seconds, not {self.lease}"
+            )
+        if not 0 < self.poll_interval < float("inf"):
+            return (
+                f"poll-interval must be a number of seconds more than 0, not {self.poll_interval}"
+            )
+        if not 0 <= self.grace < float("inf"):
+            return f"grace must be a number of seconds, 0 or more, not {self.grace}"
+        return None
 
 
 class Supervisor:
@@ -608,20 +627,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
-    if args.workers < 1:
-        parser.error("--workers must be at least 1")
-    if args.max_tasks is not None and args.max_tasks < 1:
-        parser.error("--max-tasks must be at least 1")
-    if not MIN_LEASE <= args.lease <= MAX_LEASE:
-        parser.error(
-            f"--lease must be between {MIN_LEASE:g} and {MAX_LEASE:g} seconds, not {args.lease}"
-        )
-    if not 0 < args.poll_interval < float("inf"):
-        parser.error(
-            f"--poll-interval must be a number of seconds more than 0, not {args.poll_interval}"
-        )
-    if not 0 <= args.grace < float("inf"):
-        parser.error(f"--grace must be a number of seconds, 0 or more, not {args.grace}")
+    problem = SupervisorOptions(
+        workers=args.workers,
+        grace=args.grace,
+        poll_interval=args.poll_interval,
+        lease=args.lease,
+        max_tasks=args.max_tasks,
+    ).problem()
+    if problem:
+        parser.error(f"--{problem}")
     return args
 
 
@@ -692,6 +706,8 @@ def run_workers(
     :param async_commit: commit steps with ``synchronous_commit = off`` (see
         :class:`~underway.worker.Worker`).
     :param max_tasks: replace each worker process after it ran this many tasks.
+    :raises ConfigurationError: for options out of range (a lease under a second, say),
+        before anything starts.
     :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
     """
     options = SupervisorOptions(
@@ -704,6 +720,10 @@ def run_workers(
         async_commit=async_commit,
         max_tasks=max_tasks,
     )
+    problem = options.problem()
+    if problem:
+        option, _, what = problem.partition(" ")
+        raise ConfigurationError(f"run_workers: {option.replace('-', '_')} {what}")
     chosen = registered_jobs() if jobs is None else dict(jobs)
     return Supervisor(resolve_dsn(dsn), chosen, options).run()
 
