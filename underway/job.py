@@ -327,16 +327,14 @@ class Job:
             raise ValueError(
                 f"job {self.name!r}: priority must fit a 32-bit integer, not {chosen!r}"
             )
-        return {
-            "job": self.name,
-            "priority": chosen,
-            "delay": seconds(delay),
-            "max_attempts": self.steps[0].retry.max_attempts,
-            "queue": self.queue,
-            "serial_queue": _name_or_none(serial_queue, f"job {self.name!r}: serial_queue"),
-            "dead_letter_queue": self.dead_letter_queue,
-            "keep_for": self.keep_for,
-        }
+        params = self.defaults()
+        params.update(
+            job=params.pop("name"),
+            priority=chosen,
+            delay=seconds(delay),
+            serial_queue=_name_or_none(serial_queue, f"job {self.name!r}: serial_queue"),
+        )
+        return params
 
     def defaults(self) -> dict[str, Any]:
         """What a task of this job takes unless told otherwise: stored by supervisors in

@@ -57,7 +57,7 @@ from .queries import QUERIES
 from .scheduler import Scheduler
 from .service import DATABASE_ERRORS, Service, application_name
 from .slots import Slots
-from .worker import Worker
+from .worker import Worker, release_claim
 
 log = logging.getLogger("underway.supervisor")
 
@@ -458,22 +458,15 @@ class Supervisor:
                     )
                     released = []
                     if dead.token:
-                        cur.execute(
-                            QUERIES["release_task"],
-                            {
-                                "token": dead.token,
-                                "counts": dead.counts,
-                                "outcome": dead.outcome,
-                                "error": dead.reason,
-                            },
+                        released = release_claim(
+                            cur, dead.token, dead.counts, dead.reason, dead.outcome
                         )
-                        released = cur.fetchall()
             except DATABASE_ERRORS as exc:
                 log.warning("cannot clean up after a dead worker yet: %s", exc)
                 self.drop_connection()
                 return
             self.unreleased.pop(0)
-            for task_id, state, _ in released:
+            for task_id, state in released:
                 log.warning("task %s given back (%s): %s", task_id, state, dead.reason)
 
     def maintenance_interval(self) -> float:

@@ -401,18 +401,11 @@ class Worker(Service):
         while self._orphans:
             token, reason, counts = self._orphans[0]
             with self.conn.cursor() as cur:
-                cur.execute(
-                    QUERIES["release_task"],
-                    {
-                        "token": token,
-                        "counts": counts,
-                        "outcome": "crashed" if counts else "interrupted",
-                        "error": reason,
-                    },
+                released = release_claim(
+                    cur, token, counts, reason, "crashed" if counts else "interrupted"
                 )
-                released = cur.fetchall()
             self._orphans.pop(0)
-            for task_id, state, _ in released:
+            for task_id, state in released:
                 log.warning("gave back task %s (now %s): %s", task_id, state, reason)
         self.slots.clear(self.slot)
 
@@ -459,6 +452,20 @@ class Worker(Service):
                 "attempt": claim.attempt,
             },
         )
+
+
+def release_claim(
+    cur: psycopg2.extensions.cursor, token: int, counts: bool, reason: str, outcome: str
+) -> list[tuple[int, str]]:
+    """Give back the task claimed with ``token`` (if it is still running under it), with
+    its try counted or not and recorded as ``outcome``; returns (task id, new state) of
+    what was released. What both a reconnected worker and a supervisor cleaning up after
+    a dead worker do."""
+    cur.execute(
+        QUERIES["release_task"],
+        {"token": token, "counts": counts, "outcome": outcome, "error": reason},
+    )
+    return [(task_id, state) for task_id, state, _ in cur.fetchall()]
 
 
 class StepClock:
