@@ -21,6 +21,8 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from jobs_common import sql
+
 from underway import Fatal, Job, RetryPolicy, To
 
 DDL = """
@@ -299,3 +301,24 @@ forever = Job("lifecycle-forever")
 def again(cx: Any, inp: Any) -> None:
     """Enqueue another run of this job, forever."""
     cx.enqueue(forever, inp + 1)
+
+
+# -- what the tests read back -------------------------------------------------------------
+
+
+def effects(dsn: str, task_id: int) -> list[tuple[Any, ...]]:
+    """(step, attempt, note) of every committed step call of a task, in order."""
+    return sql(
+        dsn,
+        "SELECT step, attempt, note FROM lifecycle_effect WHERE task_id = %s ORDER BY id",
+        (task_id,),
+    )
+
+
+def attempts(dsn: str, task_id: int) -> list[tuple[Any, ...]]:
+    """(step, attempt, outcome) of every recorded try of a task, oldest first."""
+    return sql(
+        dsn,
+        "SELECT step, attempt, outcome FROM underway.attempt WHERE task_id = %s ORDER BY id",
+        (task_id,),
+    )

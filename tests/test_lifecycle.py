@@ -22,6 +22,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 from jobs_faults import Gate, holds_for, task_row
+from jobs_lifecycle import attempts, effects
 
 from underway import TaskState, admin
 from underway.task import cancel_task, task_info
@@ -111,24 +112,6 @@ def run_all(worker, dsn, *, due=True):
         )
         if not moved:
             return ran
-
-
-def effects(dsn, task_id):
-    """(step, attempt, note) of every committed step call of a task, in order."""
-    return query(
-        dsn,
-        "SELECT step, attempt, note FROM lifecycle_effect WHERE task_id = %s ORDER BY id",
-        (task_id,),
-    )
-
-
-def attempts(dsn, task_id):
-    """(step, attempt, outcome) of every recorded try of a task, oldest first."""
-    return query(
-        dsn,
-        "SELECT step, attempt, outcome FROM underway.attempt WHERE task_id = %s ORDER BY id",
-        (task_id,),
-    )
 
 
 def state(dsn, task_id):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jobs_lifecycle as jl
 import psycopg2
 import pytest
+from jobs_lifecycle import attempts, effects
 
 import underway
 from underway import Job, TaskState, To, UnderwayError, admin
@@ -25,24 +26,6 @@ def ldsn(dsn):
     """The test database, with the tables the lifecycle jobs write to."""
     query(dsn, jl.DDL)
     return dsn
-
-
-def effects(dsn, task_id):
-    """(step, attempt, note) of every committed step call of a task, in order."""
-    return query(
-        dsn,
-        "SELECT step, attempt, note FROM lifecycle_effect WHERE task_id = %s ORDER BY id",
-        (task_id,),
-    )
-
-
-def attempts(dsn, task_id):
-    """(step, attempt, outcome) of every recorded try of a task, oldest first."""
-    return query(
-        dsn,
-        "SELECT step, attempt, outcome FROM underway.attempt WHERE task_id = %s ORDER BY id",
-        (task_id,),
-    )
 
 
 # -- run_inline -----------------------------------------------------------------------------
