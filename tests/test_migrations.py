@@ -17,6 +17,7 @@ import psycopg2
 import pytest
 
 import underway
+import underway.testing
 from underway.testing import drain
 
 from .helpers import REPO_ROOT, query, run_python, scalar
@@ -127,7 +128,7 @@ def test_upgrade_from_version_1_keeps_tasks_and_backfills_them(empty_dsn: str) -
     try:
         assert drain([upgraded], dsn=empty_dsn) == 1
     finally:
-        underway.job._registry.pop(upgraded.name, None)
+        underway.testing.unregister_job(upgraded.name)
     assert seen == [1]
     assert scalar(empty_dsn, "SELECT count(*) FROM underway.task WHERE state = 'succeeded'") == 2
 

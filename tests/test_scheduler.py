@@ -31,7 +31,7 @@ from jobs_scheduler import JOBS, marker, report
 
 import underway
 import underway.cron
-from underway.queries import QUERIES
+from underway import store
 from underway.scheduler import Scheduler
 from underway.worker import Worker
 
@@ -491,17 +491,7 @@ def test_schedule_stored_now_does_not_fire_its_past_ticks(dsn, make_scheduler, c
 
     def fire(at):
         with conn.cursor() as cur:
-            cur.execute(
-                QUERIES["fire_tick"],
-                {
-                    "job": report.name,
-                    "name": "default",
-                    "fire_at": at,
-                    "priority": 0,
-                    "max_attempts": 1,
-                },
-            )
-            return cur.fetchone()[0]
+            return store.fire_tick(cur, report.name, "default", at, priority=0, max_attempts=1)
 
     assert fire(stored - timedelta(seconds=1)) is None
     assert fire(stored) is None

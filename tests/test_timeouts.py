@@ -35,10 +35,12 @@ import pytest
 from jobs_faults import Gate
 
 import underway
+import underway.testing
 from underway.errors import StepTimeout
 from underway.job import DEFAULT_TIMEOUT, Job
 from underway.supervisor import TIMEOUT_KILL_AFTER
-from underway.worker import Worker, _on_alarm
+from underway.timeouts import _on_alarm
+from underway.worker import Worker
 
 from .helpers import Supervisor, query, scalar, wait_until
 
@@ -72,7 +74,7 @@ def make_job():
 
     yield make
     for name in made:
-        underway.job._registry.pop(name, None)
+        underway.testing.unregister_job(name)
 
 
 @pytest.fixture

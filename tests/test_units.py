@@ -12,9 +12,10 @@ import pytest
 import underway
 import underway.db
 import underway.job
+import underway.testing
 from underway import ConfigurationError, Job, RetryPolicy, To
 from underway.db import redact_dsn, resolve_dsn
-from underway.queries import QUERIES, load_queries
+from underway.store import QUERIES, load_queries
 
 #: A DSN nothing listens on: connecting to it fails with a connection error, never a
 #: TypeError or ValueError, so an error of those types proves no connection was tried.
@@ -34,7 +35,7 @@ def make_job():
 
     yield make
     for name in made:
-        underway.job._registry.pop(name, None)
+        underway.testing.unregister_job(name)
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ import time
 import jobs_worker
 import pytest
 
-from underway.queries import QUERIES
+from underway import store
+from underway.records import Release
 from underway.worker import Worker
 
 from .helpers import dbname_of, query, scalar, wait_until
@@ -561,8 +562,7 @@ def test_reclaim_expired_releases_lapsed_leases(dsn, conn, make_worker):
     live_before = task_snapshot(dsn, live.id)
 
     with conn.cursor() as cur:
-        cur.execute(QUERIES["reclaim_expired"])
-        released = {row[0] for row in cur.fetchall()}
+        released = set(store.reclaim_expired(cur))
 
     assert released == {retried.id, exhausted.id}
     rows = query(
@@ -604,11 +604,8 @@ def test_release_task(dsn, conn, make_worker, counts, last_try, state, attempts,
     assert claim.attempt == tried
 
     with conn.cursor() as cur:
-        cur.execute(
-            QUERIES["release_task"],
-            {"token": claim.token, "counts": counts, "outcome": outcome, "error": "it died"},
-        )
-        released = [row[:2] for row in cur.fetchall()]
+        released = store.release_claim(cur, Release(claim.token, "it died", outcome))
+    assert Release(claim.token, "it died", outcome).counts is counts
 
     assert released == [(task.id, state)]
     assert query(
@@ -628,11 +625,7 @@ def test_release_task_with_another_token_changes_nothing(dsn, conn, make_worker)
     before = task_snapshot(dsn, task.id)
 
     with conn.cursor() as cur:
-        cur.execute(
-            QUERIES["release_task"],
-            {"token": claim.token + 1, "counts": True, "outcome": "crashed", "error": "x"},
-        )
-        assert cur.fetchall() == []
+        assert store.release_claim(cur, Release(claim.token + 1, "x", "crashed")) == []
 
     assert task_snapshot(dsn, task.id) == before
     assert task_state(dsn, task.id)[1] == "running"

@@ -19,16 +19,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from datetime import datetime
+from dataclasses import fields
 from typing import Any
 
 import psycopg2
 
-from .db import caller_cursor, configure, execute
+from . import store
+from .db import caller_cursor, configure
 from .errors import UnderwayError
-from .queries import QUERIES
-from .task import TaskInfo, cancel_task, task_info
+from .records import DeadLetter, QueueSummary, TaskInfo
+from .task import cancel_task, task_info
 
 __all__ = [
     "DeadLetter",
@@ -44,71 +44,39 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class QueueSummary:
-    """A queue's unfinished work: tasks waiting, running, and failed for good."""
-
-    queue: str
-    pending: int
-    running: int
-    failed: int
-    paused: bool
-    #: Seconds its oldest ready task has waited (``None`` when none is ready): the number to
-    #: alert on, as it grows when workers fall behind or stop.
-    lag: float | None
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """A task in a dead-letter queue: it failed for good at ``step``, with ``error``."""
-
-    id: int
-    job: str
-    step: int
-    input: Any
-    attempts: int
-    error: str | None
-    finished_at: datetime
-
-
 def pause(queue: str, *, conn: Any = None) -> None:
     """Pause a queue: workers start none of its tasks until :func:`resume`. Steps already
     running finish; enqueueing goes on as usual. Takes effect at every supervisor at once."""
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["pause_queue"], {"queue": _queue_name(queue)})
+        store.pause_queue(cur, _queue_name(queue))
 
 
 def resume(queue: str, *, conn: Any = None) -> bool:
     """Resume a paused queue and wake idle workers; returns whether it was paused."""
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["resume_queue"], {"queue": _queue_name(queue)})
-        (count, _) = cur.fetchone()
-    return bool(count)
+        return store.resume_queue(cur, _queue_name(queue))
 
 
 def queues(*, conn: Any = None) -> list[QueueSummary]:
     """Every queue that has unfinished or failed tasks, or is paused."""
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["queue_summary"], {})
-        return [QueueSummary(*row) for row in cur.fetchall()]
+        return store.queue_summary(cur)
 
 
 def dead_letters(queue: str, *, conn: Any = None) -> list[DeadLetter]:
     """The tasks in dead-letter queue ``queue``, oldest first. Each keeps its history in
     ``underway.attempt``."""
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["dead_letters"], {"queue": _queue_name(queue)})
-        return [DeadLetter(*row) for row in cur.fetchall()]
+        return store.dead_letters(cur, _queue_name(queue))
 
 
 def redrive(queue: str, ids: Sequence[int] | None = None, *, conn: Any = None) -> list[int]:
     """Put tasks from dead-letter queue ``queue`` back to work: all of them, or those with
     the given ids. Each resumes at the step that failed, with that step's tries renewed;
     its earlier attempts stay in its history. Returns the ids re-driven."""
-    params = {"queue": _queue_name(queue), "ids": None if ids is None else [int(i) for i in ids]}
+    chosen = None if ids is None else [int(i) for i in ids]
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["redrive"], params)
-        return [row[0] for row in cur.fetchall()]
+        return store.redrive(cur, _queue_name(queue), chosen)
 
 
 def purge_expired(*, conn: Any = None, batch: int = 500, max_batches: int | None = None) -> int:
@@ -119,10 +87,10 @@ def purge_expired(*, conn: Any = None, batch: int = 500, max_batches: int | None
     batches = 0
     with caller_cursor(conn) as cur:
         while max_batches is None or batches < max_batches:
-            execute(cur, QUERIES["purge_expired"], {"batch": batch})
-            deleted += cur.rowcount
+            count = store.purge_expired(cur, batch)
+            deleted += count
             batches += 1
-            if cur.rowcount < batch:
+            if count < batch:
                 break
     return deleted
 

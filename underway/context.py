@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg2.extensions
 
-from .queries import QUERIES
+from . import store
 
 if TYPE_CHECKING:
     from .job import Job
@@ -60,12 +60,11 @@ class Context:
         the time the step has left.
         """
         if not self.in_transaction:
+            left_ms = None
+            if self.deadline is not None:
+                left_ms = max(int((self.deadline - time.monotonic()) * 1000), 1)
             with self._conn.cursor() as cur:
-                if self.deadline is None:
-                    cur.execute("BEGIN")
-                else:
-                    left_ms = max(int((self.deadline - time.monotonic()) * 1000), 1)
-                    cur.execute(f"BEGIN; SET LOCAL statement_timeout = {left_ms}")
+                store.begin(cur, left_ms)
             self.in_transaction = True
         return self._conn
 
@@ -75,9 +74,7 @@ class Context:
         it after this step anyway; a long step may check this to stop sooner (return, or
         raise). Each check asks the database."""
         with self._conn.cursor() as cur:
-            cur.execute(QUERIES["cancel_requested"], {"id": self.task_id})
-            row = cur.fetchone()
-        return bool(row and row[0])
+            return store.cancel_requested(cur, self.task_id)
 
     def cursor(self, *args: Any, **kwargs: Any) -> psycopg2.extensions.cursor:
         """A new cursor on the step's transaction; arguments go to ``connection.cursor()``."""

@@ -20,8 +20,8 @@ import psycopg2
 import psycopg2.errors
 import psycopg2.extensions
 
+from . import store
 from .errors import ConfigurationError, SchemaMissing
-from .queries import QUERIES
 
 SCHEMA_VERSION = 2
 """The newest migration this version of underway needs."""
@@ -128,8 +128,7 @@ def check_schema(conn: psycopg2.extensions.connection) -> None:
     """Raise :class:`SchemaMissing` unless the database holds the schema this version needs."""
     try:
         with conn.cursor() as cur:
-            cur.execute(QUERIES["schema_version"])
-            row = cur.fetchone()
+            version = store.schema_version(cur)
     except (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName):
         if not conn.autocommit:
             conn.rollback()
@@ -137,7 +136,6 @@ def check_schema(conn: psycopg2.extensions.connection) -> None:
             "the database has no underway schema: run underway.run_migrations(dsn) "
             "or `python -m underway.migrations --dsn DSN` first"
         ) from None
-    version = row[0] if row else None
     if version is None or version < SCHEMA_VERSION:
         raise SchemaMissing(
             f"the underway schema is at version {version}, this version needs "
@@ -145,16 +143,18 @@ def check_schema(conn: psycopg2.extensions.connection) -> None:
         )
 
 
-def translate_missing_schema(exc: BaseException) -> BaseException:
-    """Turn "relation underway.task does not exist" into a :class:`SchemaMissing` that says
-    what to do; other errors are returned unchanged."""
-    if isinstance(exc, (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName)):
-        first_line = str(exc).strip().splitlines()[0]
-        return SchemaMissing(
-            f"the database has no underway schema ({first_line}): "
-            "run underway.run_migrations(dsn) first"
-        )
-    return exc
+def is_outage(exc: BaseException) -> bool:
+    """Whether a database error means the database is away or unwilling right now (a
+    restart, a failover, a dropped or frozen connection, no free connection slot), which
+    waiting and reconnecting mends; as opposed to a mistake in a statement or in the data,
+    which no reconnect mends and which must stop the process loudly."""
+    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+        return True
+    if isinstance(exc, psycopg2.Error):
+        # A dead socket after a server crash may surface as a bare DatabaseError without
+        # an SQLSTATE; a server turned read-only (a failover) refuses writes with 25006.
+        return exc.pgcode is None or exc.pgcode == "25006"
+    return False
 
 
 class ProcessConnection:
@@ -212,17 +212,6 @@ os.register_at_fork(after_in_child=_default.forget_inherited)
 def default_cursor(dsn: str | None = None) -> Any:
     """A cursor on the process-wide autocommit connection (see :class:`ProcessConnection`)."""
     return _default.cursor(dsn)
-
-
-def execute(cur: Any, sql: str, params: dict[str, Any]) -> None:
-    """Run a statement for a caller, turning a missing schema into :class:`SchemaMissing`."""
-    try:
-        cur.execute(sql, params)
-    except Exception as exc:
-        translated = translate_missing_schema(exc)
-        if translated is exc:
-            raise
-        raise translated from exc
 
 
 class _CallerCursor:

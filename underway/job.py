@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Union, overload
 
+from . import store
 from .cron import ZonedSchedule
-from .db import caller_cursor, execute
+from .db import caller_cursor
 from .errors import ConfigurationError
-from .queries import QUERIES
 from .retry import RetryPolicy
 from .task import Task
 
@@ -219,7 +219,7 @@ class Job:
         """
         params = self._task_params(delay, priority, serial_queue)
         params["input"] = self._to_json(input)
-        sql = QUERIES["enqueue"]
+        insert = store.insert_task
         if key is not None:
             if not isinstance(key, str) or not key:
                 raise TypeError(f"job {self.name!r}: key must be a non-empty string, not {key!r}")
@@ -229,10 +229,9 @@ class Job:
                     f"not {key_mode!r}"
                 )
             params.update(key=key, key_mode=key_mode)
-            sql = QUERIES["enqueue_keyed"]
+            insert = store.enqueue_keyed
         with caller_cursor(conn) as cur:
-            execute(cur, sql, params)
-            (task_id,) = cur.fetchone()
+            task_id = insert(cur, params)
         return Task(task_id, self.name)
 
     def enqueue_many(
@@ -258,8 +257,7 @@ class Job:
         params = self._task_params(delay, priority, serial_queue)
         params["inputs"] = self._to_json(inputs, what="an input in the batch")
         with caller_cursor(conn) as cur:
-            execute(cur, QUERIES["enqueue_many"], params)
-            ids = sorted(row[0] for row in cur.fetchall())
+            ids = store.insert_tasks(cur, params)
         return [Task(task_id, self.name) for task_id in ids]
 
     def schedule(
@@ -300,15 +298,14 @@ class Job:
             "catch_up": bool(catch_up),
         }
         with caller_cursor(conn) as cur:
-            execute(cur, QUERIES["store_schedule"], params)
+            store.store_schedule(cur, params)
         return parsed
 
     def unschedule(self, name: str = "default", *, conn: Any = None) -> bool:
         """Remove the schedule called ``name``; returns whether there was one. Tasks it
         already enqueued are not touched."""
         with caller_cursor(conn) as cur:
-            execute(cur, QUERIES["remove_schedule"], {"job": self.name, "name": name})
-            return bool(cur.rowcount)
+            return store.remove_schedule(cur, self.name, name)
 
     def _check_steps(self) -> None:
         if not self.steps:
@@ -430,3 +427,9 @@ _registry: dict[str, Job] = {}
 def registered_jobs() -> dict[str, Job]:
     """Every job defined in this process so far, by name."""
     return dict(_registry)
+
+
+def unregister_job(name: str) -> Job | None:
+    """Forget the job called ``name``, so the name may be defined again; returns the job, if
+    there was one. For tests that define throwaway jobs; workers already running keep it."""
+    return _registry.pop(name, None)

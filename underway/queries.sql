@@ -31,7 +31,7 @@ RETURNING id;
 
 -- name: claim_task
 -- Claim the next ready task of the given jobs (see underway.claim_task in the schema).
-SELECT id, job, step, input, attempts, max_attempts, scheduled_at, serial_queue
+SELECT id, job, step, input, attempts AS attempt, max_attempts, scheduled_at, serial_queue
 FROM underway.claim_task(%(jobs)s, %(token)s, %(lease)s);
 
 -- name: seconds_until_due
@@ -52,7 +52,7 @@ LIMIT 1;
 -- task being completed. Returns one row: whether the completion happened, NULL (the
 -- task's new state, see advance_task), and the claimed task's columns (NULLs for none).
 WITH claimed AS (
-    SELECT id, job, step, input, attempts, max_attempts, scheduled_at, serial_queue
+    SELECT id, job, step, input, attempts AS attempt, max_attempts, scheduled_at, serial_queue
     FROM underway.claim_task(%(jobs)s, %(next_token)s, %(lease)s, false)
 ), done AS (
     UPDATE underway.task AS t
@@ -64,7 +64,7 @@ WITH claimed AS (
     INSERT INTO underway.attempt (task_id, step, attempt, outcome, started_at)
     SELECT id, step, attempts, 'succeeded', started_at FROM done
 )
-SELECT (SELECT count(*) FROM done) = 1, NULL::text, claimed.*
+SELECT (SELECT count(*) FROM done) = 1 AS done, NULL::text AS state, claimed.*
 FROM (VALUES (1)) AS one
 LEFT JOIN claimed ON true;
 
@@ -78,7 +78,7 @@ SELECT cancel_requested_at IS NOT NULL FROM underway.task WHERE id = %(id)s;
 -- as complete_task does. Returns one row: whether the task advanced, its new state
 -- ('cancelled' when its cancellation was asked for meanwhile), and the claimed task.
 WITH claimed AS (
-    SELECT id, job, step, input, attempts, max_attempts, scheduled_at, serial_queue
+    SELECT id, job, step, input, attempts AS attempt, max_attempts, scheduled_at, serial_queue
     FROM underway.claim_task(%(jobs)s, %(next_token)s, %(lease)s, false)
 ), finished AS (
     SELECT t.id, t.step, t.attempts, t.started_at FROM underway.task AS t
@@ -98,7 +98,8 @@ WITH claimed AS (
     SELECT finished.id, finished.step, finished.attempts, 'succeeded', finished.started_at
     FROM finished JOIN advanced USING (id)
 )
-SELECT (SELECT count(*) FROM advanced) = 1, (SELECT state::text FROM advanced), claimed.*
+SELECT (SELECT count(*) FROM advanced) = 1 AS done, (SELECT state::text FROM advanced) AS state,
+       claimed.*
 FROM (VALUES (1)) AS one
 LEFT JOIN claimed ON true;
 
@@ -125,7 +126,7 @@ WITH failed AS (
            failed.started_at
     FROM failed JOIN updated USING (id)
 )
-SELECT state::text FROM updated;
+SELECT state::text AS state FROM updated;
 
 -- name: release_task
 -- Give back the task a dead worker held. A crash uses up the try (and fails the task
@@ -149,7 +150,7 @@ WITH held AS (
     SELECT held.id, held.step, held.attempts, %(outcome)s, %(error)s, held.started_at
     FROM held JOIN released USING (id)
 )
-SELECT id, state::text, pg_notify('underway', '') FROM released;
+SELECT id, state::text AS state, pg_notify(%(channel)s, '') FROM released;
 
 -- name: renew_leases
 -- Extend the leases of the tasks this supervisor's live workers hold. A row someone else
@@ -187,11 +188,19 @@ WITH expired AS (
            'lease expired: the worker holding the task stopped renewing it', expired.started_at
     FROM expired JOIN released USING (id)
 )
-SELECT id, pg_notify('underway', '') FROM released;
+SELECT id, pg_notify(%(channel)s, '') FROM released;
 
 -- name: schema_version
 -- The newest migration applied; fails with undefined_table when there is no schema.
 SELECT max(version) FROM underway.migration;
+
+-- name: clock
+-- The database's clock: the one time every host agrees on.
+SELECT now();
+
+-- name: notify
+-- Wake the services listening on a channel (idle workers, schedulers).
+SELECT pg_notify(%(channel)s, '');
 
 -- name: store_schedule
 -- Store a job's schedule, or replace it. A changed schedule starts afresh from now;
@@ -213,9 +222,8 @@ DELETE FROM underway.schedule WHERE job = %(job)s AND name = %(name)s;
 
 -- name: load_schedules
 -- The schedules of these jobs, each with the instant after which its next tick counts
--- (the later of its last change and its last fired tick), and the database's clock.
-SELECT s.job, s.name, s.expression, s.catch_up,
-       greatest(s.updated_at, last.fire_at), now()
+-- (the later of its last change and its last fired tick).
+SELECT s.job, s.name, s.expression, s.catch_up, greatest(s.updated_at, last.fire_at) AS anchor
 FROM underway.schedule AS s
 LEFT JOIN LATERAL (
     SELECT max(fire_at) AS fire_at FROM underway.schedule_tick AS t
@@ -271,8 +279,9 @@ RETURNING state::text;
 
 -- name: task_status
 -- Where a task stands.
-SELECT id, job, state::text, step, attempts, max_attempts, coalesce(queue, job), error,
-       cancel_requested_at IS NOT NULL, dead_letter_queue, created_at, run_at, finished_at
+SELECT id, job, state::text AS state, step, attempts, max_attempts,
+       coalesce(queue, job) AS queue, error, cancel_requested_at IS NOT NULL AS cancel_requested,
+       dead_letter_queue, created_at, run_at, finished_at
 FROM underway.task WHERE id = %(id)s;
 
 -- name: pause_queue
@@ -282,7 +291,7 @@ INSERT INTO underway.paused_queue (queue) VALUES (%(queue)s) ON CONFLICT DO NOTH
 -- name: resume_queue
 -- Resume a paused queue and wake idle workers.
 WITH resumed AS (DELETE FROM underway.paused_queue WHERE queue = %(queue)s RETURNING queue)
-SELECT count(*), pg_notify('underway', '') FROM resumed;
+SELECT count(*) AS resumed, pg_notify(%(channel)s, '') FROM resumed;
 
 -- name: queue_summary
 -- Every queue with unfinished or failed tasks, or paused: its task counts by state,
@@ -298,8 +307,9 @@ WITH counts AS (
     WHERE state IN ('pending', 'running', 'failed')
     GROUP BY 1
 )
-SELECT coalesce(c.queue, p.queue), coalesce(c.pending, 0), coalesce(c.running, 0),
-       coalesce(c.failed, 0), p.queue IS NOT NULL, c.lag
+SELECT coalesce(c.queue, p.queue) AS queue, coalesce(c.pending, 0) AS pending,
+       coalesce(c.running, 0) AS running, coalesce(c.failed, 0) AS failed,
+       p.queue IS NOT NULL AS paused, c.lag
 FROM counts AS c
 FULL JOIN underway.paused_queue AS p ON p.queue = c.queue
 ORDER BY 1;
@@ -324,7 +334,7 @@ WITH redriven AS (
       AND (%(ids)s::bigint[] IS NULL OR id = ANY (%(ids)s::bigint[]))
     RETURNING id
 )
-SELECT id, pg_notify('underway', '') FROM redriven ORDER BY id;
+SELECT id, pg_notify(%(channel)s, '') FROM redriven ORDER BY id;
 
 -- name: purge_expired
 -- Delete up to a batch of finished tasks whose retention ran out, with their attempts.

@@ -51,6 +51,8 @@ class RetryPolicy:
             wait = math.inf
         return float(min(wait, self.max_interval))
 
-    def should_retry(self, attempt: int) -> bool:
-        """Whether a failure of try number ``attempt`` leaves a try to make."""
-        return attempt < self.max_attempts
+    def should_retry(self, attempt: int, max_attempts: int | None = None) -> bool:
+        """Whether a failure of try number ``attempt`` leaves a try to make, of
+        ``max_attempts`` in all (default: the policy's own; a task row's count, which an
+        enqueue from SQL may have set, takes precedence in the worker)."""
+        return attempt < (self.max_attempts if max_attempts is None else max_attempts)

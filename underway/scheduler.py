@@ -20,9 +20,10 @@ from datetime import datetime
 
 import psycopg2.extensions
 
+from . import store
 from .cron import ZonedSchedule
 from .job import Job
-from .queries import QUERIES
+from .records import StoredSchedule
 from .service import Service
 
 log = logging.getLogger("underway.scheduler")
@@ -42,7 +43,7 @@ class Scheduler(Service):
     """
 
     role = "scheduler"
-    channel = "underway_schedule"
+    channel = store.SCHEDULE_CHANNEL
     log = log
 
     def __init__(
@@ -68,24 +69,23 @@ class Scheduler(Service):
         """Enqueue every schedule's due tick; returns seconds until the next tick is due
         (at most ``poll_interval``). ``now`` defaults to the database's clock."""
         with self.connect().cursor() as cur:
-            cur.execute(QUERIES["load_schedules"], {"jobs": sorted(self.jobs)})
-            rows = cur.fetchall()
             if now is None:
-                if not rows:
-                    return self.poll_interval
-                now = rows[0][5]
+                now = store.clock(cur)
+            stored = store.load_schedules(cur, list(self.jobs))
+            if not stored:
+                return self.poll_interval
             wait = self.poll_interval
-            for job, name, expression, catch_up, anchor, _ in rows:
-                schedule = self._parse(job, name, expression)
+            for row in stored:
+                schedule = self._parse(row.job, row.name, row.expression)
                 if schedule is None:
                     continue
                 try:
-                    self._fire_due(cur, schedule, job, name, catch_up, anchor, now)
+                    self._fire_due(cur, schedule, row, now)
                     upcoming = schedule.next_after(now)
                 except ValueError as exc:
                     # A schedule that can never fire again must not stop the others.
-                    log.error("schedule %s/%s is ignored: %s", job, name, exc)
-                    self._parsed[expression] = None
+                    log.error("schedule %s/%s is ignored: %s", row.job, row.name, exc)
+                    self._parsed[row.expression] = None
                     continue
                 wait = min(wait, (upcoming - now).total_seconds())
         return max(wait, 0.01)
@@ -94,13 +94,12 @@ class Scheduler(Service):
         self,
         cur: psycopg2.extensions.cursor,
         schedule: ZonedSchedule,
-        job: str,
-        name: str,
-        catch_up: bool,
-        anchor: datetime,
+        row: StoredSchedule,
         now: datetime,
     ) -> None:
-        """Enqueue the latest tick due after ``anchor``, or pass it over if it is too late."""
+        """Enqueue the latest tick due after the schedule's anchor, or pass it over if it is
+        too late."""
+        job, name, anchor = row.job, row.name, row.anchor
         due = schedule.previous_at_or_before(now)
         if due is None or due <= anchor:
             return
@@ -117,9 +116,8 @@ class Scheduler(Service):
                 extra={"event": "ticks_skipped", "job": job, "schedule": name},
             )
         late = (now - due).total_seconds()
-        key = {"job": job, "name": name, "fire_at": due}
-        if not catch_up and late > self.misfire_grace:
-            cur.execute(QUERIES["skip_tick"], key)
+        if not row.catch_up and late > self.misfire_grace:
+            store.skip_tick(cur, job, name, due)
             log.warning(
                 "schedule %s/%s passed over the tick of %s (%.0fs late, catch_up=False)",
                 job,
@@ -130,15 +128,9 @@ class Scheduler(Service):
             )
             return
         first_step = self.jobs[job].steps[0]
-        cur.execute(
-            QUERIES["fire_tick"],
-            {
-                **key,
-                "priority": self.jobs[job].priority,
-                "max_attempts": first_step.retry.max_attempts,
-            },
+        task_id = store.fire_tick(
+            cur, job, name, due, self.jobs[job].priority, first_step.retry.max_attempts
         )
-        (task_id,) = cur.fetchone()
         if task_id is not None:
             log.info(
                 "schedule %s/%s fired the tick of %s as task %s",

@@ -2,8 +2,10 @@
 
 A service opens its one connection lazily, LISTENs on its channel, and runs ``turn()``
 over and over until asked to stop. A lost connection is never fatal: it is closed, the
-service waits with growing backoff (interruptible by a signal) and reconnects. A service
-whose supervisor died stops after its current turn.
+service waits with growing backoff (interruptible by a signal) and reconnects. Any other
+database error is a bug (a statement the schema does not accept), which no reconnect
+mends: it ends the process, loudly. A service whose supervisor died stops after its
+current turn.
 """
 
 from __future__ import annotations
@@ -17,12 +19,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from .db import check_schema, close_quietly, connect, is_alive
-
-# What a lost or broken connection raises. After a server crash psycopg2 may report the
-# dead socket as a bare DatabaseError, so every database error of underway's own
-# statements is handled alike: drop the connection, back off, reconnect.
-DATABASE_ERRORS = (psycopg2.Error,)
+from . import store
+from .db import check_schema, close_quietly, connect, is_alive, is_outage
 
 
 def application_name(role: str, pid: int) -> str:
@@ -42,7 +40,7 @@ class Service:
     #: Names the connection (``application_name``) and the process in logs.
     role = "service"
     #: The LISTEN channel that wakes this service.
-    channel = "underway"
+    channel = store.TASK_CHANNEL
     log = logging.getLogger("underway")
 
     def __init__(self, dsn: str, *, wakeup_fd: int | None = None) -> None:
@@ -64,7 +62,9 @@ class Service:
                 self.connect()
                 self.turn()
                 failures = 0
-            except DATABASE_ERRORS as exc:
+            except psycopg2.Error as exc:
+                if not is_outage(exc):
+                    raise  # a bug, not an outage: reconnecting would only repeat it
                 self.disconnect()
                 failures += 1
                 pause = min(0.05 * 2**failures, 5.0)
@@ -93,7 +93,7 @@ class Service:
             self.conn = connect(self.dsn, application_name=application_name(self.role, os.getpid()))
             check_schema(self.conn)
             with self.conn.cursor() as cur:
-                cur.execute(f"LISTEN {self.channel}")
+                store.listen(cur, self.channel)
             self.on_connect()
         return self.conn
 

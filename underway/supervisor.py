@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import json
 import logging
 import os
 import select
@@ -44,20 +43,22 @@ import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
-import psycopg2.extensions
 
-from .admin import purge_expired
-from .db import check_schema, close_quietly, connect, redact_dsn, resolve_dsn
-from .errors import ConfigurationError, UnderwayError
+from . import options as supervisor_options
+from .db import redact_dsn, resolve_dsn
+from .errors import UnderwayError
 from .job import Job, registered_jobs
-from .queries import QUERIES
+from .options import SupervisorOptions
+from .records import Release
 from .scheduler import Scheduler
-from .service import DATABASE_ERRORS, Service, application_name
+from .service import Service, application_name
 from .slots import Slots
-from .worker import Worker, release_claim
+from .upkeep import Upkeep
+from .worker import Worker
 
 log = logging.getLogger("underway.supervisor")
 
@@ -66,91 +67,28 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 QUICK_DEATH = 5.0
 """A worker that dies sooner than this after starting is restarted with growing backoff."""
 
-MIN_LEASE, MAX_LEASE = 1.0, 86_400.0
-"""The range of ``--lease``: renewals (every third of it, at most every 0.2 s) must keep up,
-and a lapsed lease must come back within a day."""
-
 TIMEOUT_KILL_AFTER = 5.0
 """Seconds past a step's deadline before the supervisor kills its worker: the worker's own
 SIGALRM gets the first chance to stop the step cleanly."""
 
-PURGE_INTERVAL = 60.0
-"""Seconds between retention passes."""
-
-PURGE_BATCH = 500
-"""Finished tasks deleted per retention transaction: small, so no pass holds much."""
-
-PURGE_BATCHES = 20
-"""Retention transactions per pass at most; the rest waits for the next pass."""
-
-
-SCHEDULER = -1
-"""The slot of the scheduler process; workers have slots 0 to N - 1."""
-
 
 @dataclass
-class Process:
-    """A child process the supervisor started: a worker (slot >= 0) or the scheduler."""
+class Child:
+    """One child process the supervisor keeps running: a worker, which posts its claims to
+    its slot in shared memory, or the scheduler (no slot). The record outlives each process
+    that fills it, keeping what restarts need."""
 
-    slot: int
-    pid: int
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def application_name(self) -> str:
-        """The ``application_name`` of its database session (see :class:`Service`)."""
-        return application_name("scheduler" if self.slot == SCHEDULER else "worker", self.pid)
-
-    @property
-    def name(self) -> str:
-        """How logs call it: 'scheduler 123' or 'worker 456 (slot 0)'."""
-        if self.slot == SCHEDULER:
-            return f"scheduler {self.pid}"
-        return f"worker {self.pid} (slot {self.slot})"
-
-
-@dataclass(frozen=True)
-class DeadChild:
-    """A child that exited uncleanly or holding a task, still to be cleaned up after."""
-
-    process: Process
-    token: int
-    counts: bool
-    reason: str
-    outcome: str
-
-
-@dataclass
-class SupervisorOptions:
-    """How the supervisor runs; each field is a command-line option."""
-
-    workers: int = os.cpu_count() or 1
-    grace: float = 30.0
-    burst: bool = False
-    poll_interval: float = 1.0
-    lease: float = 30.0
-    scheduler: bool = True
-    async_commit: bool = False
-    max_tasks: int | None = None
-
-    def problem(self) -> str | None:
-        """What is wrong with these options, named as the command line names them; or
-        None."""
-        if self.workers < 1:
-            return "workers must be at least 1"
-        if self.max_tasks is not None and self.max_tasks < 1:
-            return "max-tasks must be at least 1"
-        if not MIN_LEASE <= self.lease <= MAX_LEASE:
-            return (
-                f"lease must be between {MIN_LEASE:g} and {MAX_LEASE:g} seconds, not {self.lease}"
-            )
-        if not 0 < self.poll_interval < float("inf"):
-            return (
-                f"poll-interval must be a number of seconds more than 0, not {self.poll_interval}"
-            )
-        if not 0 <= self.grace < float("inf"):
-            return f"grace must be a number of seconds, 0 or more, not {self.grace}"
-        return None
+    role: str
+    slot: int | None = None
+    pid: int = 0  # 0 while no process runs
+    started: float = 0.0
+    #: When to start it again, once it died; None while running or not to restart.
+    restart_at: float | None = None
+    #: Deaths in a row, each soon after its start: the restart backoff grows with them.
+    quick_deaths: int = 0
+    #: Killed by our own stop (its try is not counted), or for a step past its deadline.
+    stopped_by_us: bool = False
+    timed_out: bool = False
 
 
 class Supervisor:
@@ -161,26 +99,21 @@ class Supervisor:
         self.jobs = dict(jobs)
         self.options = options
         self.slots = Slots(options.workers)
-        self.processes: dict[int, Process] = {}  # by pid
-        self.restart_at: dict[int, float] = {}  # slot -> when to start it again
-        self.crashes: dict[int, int] = {}  # slot -> quick deaths in a row
-        self.killed_by_us: set[int] = set()  # pids cut off by our own shutdown
-        self.timed_out: set[int] = set()  # pids killed for a step stuck past its deadline
-        self.unreleased: list[DeadChild] = []  # to clean up after, oldest first
-        self.conn: psycopg2.extensions.connection | None = None
+        self.upkeep = Upkeep(dsn, self.slots, options.lease)
+        self.children = [Child("worker", slot) for slot in range(options.workers)]
+        if options.scheduler and not options.burst:
+            self.children.append(Child("scheduler"))
         self.stopping_at: float | None = None  # deadline of a graceful stop
         self.hard_stop = False
         self.interrupts = 0
         self.reload = False
         self._wake_r, self._wake_w = os.pipe()
-        self._last_maintenance = 0.0
-        self._last_purge = 0.0
 
     # -- the loop ---------------------------------------------------------------
 
     def run(self) -> int:
         """Start the workers and supervise them until stopped; returns the exit status."""
-        self.register_jobs()
+        self.upkeep.register_jobs(self.jobs)
         self._install_signal_handlers()
         log.info(
             "supervisor %s starting %d workers for jobs %s on %s",
@@ -189,27 +122,26 @@ class Supervisor:
             ", ".join(sorted(self.jobs)),
             redact_dsn(self.dsn),
         )
-        for slot in range(self.options.workers):
-            self.spawn(slot)
-        if self.options.scheduler and not self.options.burst:
-            self.spawn(SCHEDULER)
+        for child in self.children:
+            self.spawn(child)
         while True:
             self.wait_for_event()
             self.reap()
             if self.hard_stop:
                 self.kill_all()
+                self.finish()
                 log.warning("hard stop: workers killed, their tasks given back")
                 return 1
             if self.stopping_at is not None:
-                if time.monotonic() >= self.stopping_at and self.processes:
+                if time.monotonic() >= self.stopping_at and self.running():
                     log.warning("grace period over: killing workers still running a step")
                     self.kill_all()
-                if not self.processes:
-                    self.release_unreleased()
+                if not self.running():
+                    self.finish()
                     log.info("supervisor stopped")
                     return 0
-            elif self.options.burst and not self.processes and not self.restart_at:
-                self.release_unreleased()
+            elif self.options.burst and not self.running() and not self.restarting():
+                self.finish()
                 log.info("burst done: no ready task left")
                 return 0
             else:
@@ -218,21 +150,36 @@ class Supervisor:
                     log.info("restarting workers")
                     self.signal_workers(signal.SIGTERM)
                 self.respawn_due()
-            self.maintain()
+            self.end_overdue()
+            self.upkeep.run_due()
+
+    def finish(self) -> None:
+        """Give back what dead workers held, if not done yet, and close the connection."""
+        if self.upkeep.dead_workers.queue:
+            self.upkeep.run(self.upkeep.dead_workers)
+        self.upkeep.close()
+
+    def running(self) -> list[Child]:
+        """The children whose process runs now."""
+        return [child for child in self.children if child.pid]
+
+    def restarting(self) -> list[Child]:
+        """The children waiting to be started again."""
+        return [child for child in self.children if child.restart_at is not None]
 
     def wait_for_event(self) -> None:
         """Sleep until a signal or child exit arrives, or the next timer is due."""
         # At least once a second: a step that started since may be stuck past its deadline.
-        timeout = min(self.maintenance_interval(), 1.0)
+        timeout = min(self.upkeep.seconds_until_due(), 1.0)
         deadlines = [deadline for _, _, deadline in self.held() if deadline]
         if deadlines:
-            wake = min(deadlines) + TIMEOUT_KILL_AFTER - time.monotonic()
-            timeout = min(timeout, max(wake, 0))
-        if self.restart_at:
-            timeout = min(timeout, max(min(self.restart_at.values()) - time.monotonic(), 0))
+            timeout = min(timeout, min(deadlines) + TIMEOUT_KILL_AFTER - time.monotonic())
+        restarts = [child.restart_at for child in self.restarting()]
+        if restarts:
+            timeout = min(timeout, min(restarts) - time.monotonic())  # type: ignore[type-var]
         if self.stopping_at is not None:
-            timeout = min(timeout, max(self.stopping_at - time.monotonic(), 0))
-        readable, _, _ = select.select([self._wake_r], [], [], timeout)
+            timeout = min(timeout, self.stopping_at - time.monotonic())
+        readable, _, _ = select.select([self._wake_r], [], [], max(timeout, 0))
         if readable:
             os.read(self._wake_r, 4096)
 
@@ -248,7 +195,8 @@ class Supervisor:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the loop
 
-    # Handlers only set flags; the loop acts on them (logging here would be unsafe).
+    # The handlers set flags for the loop to act on; a stop also passes SIGTERM on to the
+    # workers at once (os.kill is safe in a handler), but nothing here logs or waits.
     def _on_term(self, *_: object) -> None:
         self.begin_stop()
 
@@ -271,43 +219,44 @@ class Supervisor:
             self.signal_workers(signal.SIGTERM)
 
     def signal_workers(self, signum: int) -> None:
-        """Send ``signum`` to every live worker."""
-        for pid in list(self.processes):
+        """Send ``signum`` to every live child."""
+        for child in self.running():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(child.pid, signum)
 
-    # -- workers ----------------------------------------------------------------
+    # -- children ---------------------------------------------------------------
 
-    def spawn(self, slot: int) -> None:
-        """Fork the worker process for ``slot``, or the scheduler.
+    def spawn(self, child: Child) -> None:
+        """Fork a process for ``child``.
 
-        Signals are held back across the fork, so that the child never runs the
-        supervisor's handlers and a stop signal never misses the newborn worker.
+        Signals are held back across the fork, so that the new process never runs the
+        supervisor's handlers and a stop signal never misses it.
         """
-        self.restart_at.pop(slot, None)
+        child.restart_at = None
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
-                os._exit(self._child_main(slot))
-            self.processes[pid] = Process(slot, pid)
+                os._exit(self._child_main(child))
+            child.pid, child.started = pid, time.monotonic()
+            child.stopped_by_us = child.timed_out = False
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
-    def _child_main(self, slot: int) -> int:
+    def _child_main(self, child: Child) -> int:
         """Body of a forked worker or scheduler process; returns its exit status."""
         status = 0
         try:
             # The parent's connection and wake-up pipe are not ours: leave them be.
-            if self.conn is not None:
-                _inherited.append(self.conn)
+            if self.upkeep.conn is not None:
+                _inherited.append(self.upkeep.conn)
             os.close(self._wake_r)
             os.close(self._wake_w)
             wake_r, wake_w = os.pipe()
             os.set_blocking(wake_r, False)
             os.set_blocking(wake_w, False)
             signal.set_wakeup_fd(wake_w)
-            service = self._service(slot, wake_r)
+            service = self._service(child, wake_r)
             # Ctrl-C and Ctrl-\ reach the whole process group: only the supervisor decides.
             signal.signal(signal.SIGINT, signal.SIG_IGN)
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -317,19 +266,15 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
             service.run()
         except BaseException:
-            log.critical(
-                "%s crashed:\n%s",
-                "scheduler" if slot == SCHEDULER else "worker",
-                traceback.format_exc(),
-            )
+            log.critical("%s crashed:\n%s", child.role, traceback.format_exc())
             status = 1
         finally:
             logging.shutdown()
         return status
 
-    def _service(self, slot: int, wakeup_fd: int) -> Service:
-        """The worker for ``slot``, or the scheduler."""
-        if slot == SCHEDULER:
+    def _service(self, child: Child, wakeup_fd: int) -> Service:
+        """What runs in ``child``'s process: a worker, or the scheduler."""
+        if child.slot is None:
             return Scheduler(self.dsn, self.jobs, wakeup_fd=wakeup_fd)
         return Worker(
             self.dsn,
@@ -340,211 +285,112 @@ class Supervisor:
             async_commit=self.options.async_commit,
             max_tasks=self.options.max_tasks,
             slots=self.slots,
-            slot=slot,
+            slot=child.slot,
             wakeup_fd=wakeup_fd,
         )
 
-    def reap(self) -> None:
-        """Collect every worker that exited, give back its task, and plan its restart."""
-        while self.processes:
+    def reap(self, block: bool = False) -> None:
+        """Collect every child that exited, give back what it held, plan its restart."""
+        while self.running():
             try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, 0 if block else os.WNOHANG)
             except ChildProcessError:
                 return
             if pid == 0:
                 return
-            process = self.processes.pop(pid, None)
-            if process is not None:
-                self.on_exit(process, status)
+            for child in self.children:
+                if child.pid == pid:
+                    self.on_exit(child, status)
 
-    def on_exit(self, process: Process, status: int) -> None:
-        """A worker exited: release what it held, then decide whether to restart it."""
-        slot = process.slot
-        ours = process.pid in self.killed_by_us
-        self.killed_by_us.discard(process.pid)
-        timed_out = process.pid in self.timed_out
-        self.timed_out.discard(process.pid)
+    def on_exit(self, child: Child, status: int) -> None:
+        """A child exited: give back what it held, then decide whether to restart it."""
+        pid, ours = child.pid, child.stopped_by_us
+        child.pid = 0
         how = describe_exit(status)
-        token, task_id, deadline, next_token = (
-            (0, 0, 0.0, 0) if slot == SCHEDULER else self.slots.read(slot)
-        )
-        if slot != SCHEDULER:
-            self.slots.clear(slot)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+        token, task_id, deadline, next_token = 0, 0, 0.0, 0
+        if child.slot is not None:
+            token, task_id, deadline, next_token = self.slots.read(child.slot)
+            self.slots.clear(child.slot)
         if token or not clean:
-            reason = f"worker process {process.pid} {how}"
-            if timed_out:
+            reason = f"worker process {pid} {how}"
+            if child.timed_out:
                 reason = f"the step ran past its timeout; {reason} by the supervisor"
             elif not ours:
                 reason += " while running the step"
             # A try counts when its step had started (it has a deadline) and we did not stop it.
             counts = not ours and deadline > 0
-            outcome = "timed_out" if timed_out else "crashed" if counts else "interrupted"
-            self.unreleased.append(DeadChild(process, token, counts, reason, outcome))
+            outcome = "timed_out" if child.timed_out else "crashed" if counts else "interrupted"
+            releases = [Release(token, reason, outcome)] if token else []
             if next_token:
-                not_started = f"worker process {process.pid} {how} before starting it"
-                self.unreleased.append(
-                    DeadChild(process, next_token, False, not_started, "interrupted")
-                )
-            self.release_unreleased()
+                not_started = f"worker process {pid} {how} before starting it"
+                releases.append(Release(next_token, not_started))
+            self.upkeep.after_death(application_name(child.role, pid), releases)
         if clean or ours:
-            log.info("%s %s", process.name, how)
+            log.info("%s %s", _label(child, pid), how)
         else:
-            log.error(
-                "%s %s%s",
-                process.name,
-                how,
-                f" holding task {task_id}" if task_id else "",
-            )
-        if self.stopping_at is not None or self.hard_stop:
+            holding = f" holding task {task_id}" if task_id else ""
+            log.error("%s %s%s", _label(child, pid), how, holding)
+        if self.stopping_at is not None or self.hard_stop or (clean and self.options.burst):
             return
-        if clean and self.options.burst:
-            return
-        lived = time.monotonic() - process.started
-        self.crashes[slot] = self.crashes.get(slot, 0) + 1 if lived < QUICK_DEATH else 0
-        if clean:
-            self.crashes[slot] = 0
-        delay = 0.0 if not self.crashes[slot] else min(0.1 * 2 ** self.crashes[slot], 30.0)
+        lived = time.monotonic() - child.started
+        child.quick_deaths = child.quick_deaths + 1 if lived < QUICK_DEATH and not clean else 0
+        delay = min(0.1 * 2**child.quick_deaths, 30.0) if child.quick_deaths else 0.0
         if delay:
-            log.warning("restarting %s in %.1fs", process.name, delay)
-        self.restart_at[slot] = time.monotonic() + delay
+            log.warning("restarting %s in %.1fs", _label(child, pid), delay)
+        child.restart_at = time.monotonic() + delay
 
     def respawn_due(self) -> None:
-        """Start the workers whose restart time has come."""
+        """Start the children whose restart time has come."""
         now = time.monotonic()
-        for slot, when in list(self.restart_at.items()):
-            if when <= now:
-                self.spawn(slot)
+        for child in self.restarting():
+            if child.restart_at is not None and child.restart_at <= now:
+                self.spawn(child)
 
     def kill_all(self) -> None:
-        """SIGKILL every worker and reap them; their tasks go back uncounted."""
-        for pid in list(self.processes):
-            self.killed_by_us.add(pid)
+        """SIGKILL every child and reap them; their tasks go back uncounted."""
+        for child in self.running():
+            child.stopped_by_us = True
         self.signal_workers(signal.SIGKILL)
-        while self.processes:
-            pid, status = os.waitpid(-1, 0)
-            process = self.processes.pop(pid, None)
-            if process is not None:
-                self.on_exit(process, status)
-        self.release_unreleased()
+        self.reap(block=True)
 
-    # -- database ---------------------------------------------------------------
-
-    def connection(self) -> psycopg2.extensions.connection:
-        """The supervisor's one connection, opened (and checked) on first use."""
-        if self.conn is None or self.conn.closed:
-            self.conn = connect(
-                self.dsn, application_name=application_name("supervisor", os.getpid())
-            )
-            check_schema(self.conn)
-        return self.conn
-
-    def drop_connection(self) -> None:
-        """Close a connection that failed, so a new one replaces it rather than adds to it."""
-        close_quietly(self.conn)
-        self.conn = None
-
-    def release_unreleased(self) -> None:
-        """Clean up after dead children: end the server session a child left running (it
-        may be mid-statement, holding locks and a connection slot), then give back the
-        task it held. Kept for later while the database is away."""
-        while self.unreleased:
-            dead = self.unreleased[0]
-            try:
-                with self.connection().cursor() as cur:
-                    cur.execute(
-                        QUERIES["end_sessions_of"],
-                        {"application_name": dead.process.application_name},
-                    )
-                    released = []
-                    if dead.token:
-                        released = release_claim(
-                            cur, dead.token, dead.counts, dead.reason, dead.outcome
-                        )
-            except DATABASE_ERRORS as exc:
-                log.warning("cannot clean up after a dead worker yet: %s", exc)
-                self.drop_connection()
-                return
-            self.unreleased.pop(0)
-            for task_id, state in released:
-                log.warning("task %s given back (%s): %s", task_id, state, dead.reason)
-
-    def maintenance_interval(self) -> float:
-        """Seconds between lease renewals; a third of the lease, so two can fail."""
-        return min(max(self.options.lease / 3, 0.2), 10.0)
-
-    def held(self) -> list[tuple[int, int, float]]:
-        """(pid, task id, deadline) of every live worker holding a task."""
+    def held(self) -> list[tuple[Child, int, float]]:
+        """(child, task id, deadline) of every live worker holding a task."""
         found = []
-        for process in self.processes.values():
-            if process.slot != SCHEDULER:
-                _, task_id, deadline, _ = self.slots.read(process.slot)
+        for child in self.running():
+            if child.slot is not None:
+                _, task_id, deadline, _ = self.slots.read(child.slot)
                 if task_id:
-                    found.append((process.pid, task_id, deadline))
+                    found.append((child, task_id, deadline))
         return found
 
     def end_overdue(self) -> None:
         """Kill workers whose step is stuck past its deadline, beyond the reach of their own
         SIGALRM (a blocking C call); the try is recorded as timed out and counts."""
         now = time.monotonic()
-        for pid, task_id, deadline in self.held():
-            if deadline and now > deadline + TIMEOUT_KILL_AFTER and pid not in self.timed_out:
+        for child, task_id, deadline in self.held():
+            if deadline and now > deadline + TIMEOUT_KILL_AFTER and not child.timed_out:
                 log.error(
                     "worker %s: task %s is %.1fs past its step's timeout; killing the worker",
-                    pid,
+                    child.pid,
                     task_id,
                     now - deadline,
                 )
-                self.timed_out.add(pid)
+                child.timed_out = True
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-
-    def register_jobs(self) -> None:
-        """Store our jobs and their tasks' defaults (``underway.job``), for enqueue from SQL
-        and the scheduler."""
-        jobs = [job.defaults() for job in self.jobs.values()]
-        with self.connection().cursor() as cur:
-            cur.execute(QUERIES["register_jobs"], {"jobs": json.dumps(jobs)})
-
-    def purge_expired(self) -> None:
-        """Retention, once a minute: delete finished tasks past their ``keep_for`` in small
-        batches that skip locked rows, so workers never wait on it."""
-        now = time.monotonic()
-        if now - self._last_purge < PURGE_INTERVAL:
-            return
-        self._last_purge = now
-        deleted = purge_expired(
-            conn=self.connection(), batch=PURGE_BATCH, max_batches=PURGE_BATCHES
-        )
-        if deleted:
-            log.info("retention: deleted %d finished tasks past their keep_for", deleted)
-
-    def maintain(self) -> None:
-        """End overdue steps, renew our workers' leases, release tasks whose lease lapsed
-        anywhere, and apply retention."""
-        self.end_overdue()
-        now = time.monotonic()
-        if now - self._last_maintenance < self.maintenance_interval():
-            return
-        self._last_maintenance = now
-        try:
-            self.release_unreleased()
-            with self.connection().cursor() as cur:
-                tokens = self.slots.tokens()
-                if tokens:
-                    cur.execute(
-                        QUERIES["renew_leases"], {"tokens": tokens, "lease": self.options.lease}
-                    )
-                cur.execute(QUERIES["reclaim_expired"])
-                for task_id, _ in cur.fetchall():
-                    log.warning("task %s released: its lease expired", task_id)
-            self.purge_expired()
-        except DATABASE_ERRORS as exc:
-            log.warning("maintenance skipped, database unavailable: %s", exc)
-            self.drop_connection()
+                    os.kill(child.pid, signal.SIGKILL)
 
 
-_inherited: list[psycopg2.extensions.connection] = []
+_inherited: list[Any] = []
+"""Connections a forked child inherited: kept referenced, never closed, as closing one
+would end the parent's session."""
+
+
+def _label(child: Child, pid: int) -> str:
+    """How logs call a child process: 'scheduler 123' or 'worker 456 (slot 0)'."""
+    if child.slot is None:
+        return f"{child.role} {pid}"
+    return f"{child.role} {pid} (slot {child.slot})"
 
 
 def describe_exit(status: int) -> str:
@@ -568,65 +414,16 @@ def import_jobs(modules: Sequence[str]) -> dict[str, Job]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse the command line of ``python -m underway.supervisor``."""
-    defaults = SupervisorOptions()
     parser = argparse.ArgumentParser(
         prog="python -m underway.supervisor",
         description="Run underway workers for the jobs defined in MODULEs.",
     )
     parser.add_argument("modules", nargs="+", metavar="MODULE", help="module defining jobs")
-    parser.add_argument(
-        "--workers", type=int, default=defaults.workers, help="worker processes (default: CPUs)"
-    )
     parser.add_argument("--dsn", help="database (default: $DATABASE_URL)")
-    parser.add_argument(
-        "--grace",
-        type=float,
-        default=defaults.grace,
-        help="seconds running steps get to finish on a graceful stop (default: 30)",
-    )
-    parser.add_argument(
-        "--burst", action="store_true", help="exit once no task of these jobs is ready to run"
-    )
-    parser.add_argument(
-        "--poll-interval",
-        type=float,
-        default=defaults.poll_interval,
-        help="longest idle wait between looks at the queue, in seconds (default: 1)",
-    )
-    parser.add_argument(
-        "--lease",
-        type=float,
-        default=defaults.lease,
-        help="seconds before a task whose supervisor stopped renewing it is reclaimed "
-        "(default: 30)",
-    )
-    parser.add_argument(
-        "--no-scheduler",
-        dest="scheduler",
-        action="store_false",
-        help="do not run the scheduler process that enqueues cron schedules' ticks",
-    )
-    parser.add_argument(
-        "--async-commit",
-        action="store_true",
-        help="commit steps with synchronous_commit=off: faster; a database crash may make "
-        "the last steps run again (see the README)",
-    )
-    parser.add_argument(
-        "--max-tasks",
-        type=int,
-        metavar="N",
-        help="replace each worker process after it ran N tasks (default: never)",
-    )
+    supervisor_options.add_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
-    problem = SupervisorOptions(
-        workers=args.workers,
-        grace=args.grace,
-        poll_interval=args.poll_interval,
-        lease=args.lease,
-        max_tasks=args.max_tasks,
-    ).problem()
+    problem = supervisor_options.from_arguments(args).problem()
     if problem:
         parser.error(f"--{problem}")
     return args
@@ -655,36 +452,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    options = supervisor_options.from_arguments(args)
     try:
-        return run_workers(
-            jobs,
-            dsn=args.dsn,
-            workers=args.workers,
-            grace=args.grace,
-            burst=args.burst,
-            poll_interval=args.poll_interval,
-            lease=args.lease,
-            scheduler=args.scheduler,
-            async_commit=args.async_commit,
-            max_tasks=args.max_tasks,
-        )
+        return Supervisor(resolve_dsn(args.dsn), jobs, options).run()
     except (UnderwayError, psycopg2.OperationalError) as exc:
         print(f"underway: {exc}".strip(), file=sys.stderr)
         return 1
 
 
 def run_workers(
-    jobs: Mapping[str, Job] | None = None,
-    *,
-    dsn: str | None = None,
-    workers: int = 1,
-    grace: float = 30.0,
-    burst: bool = False,
-    poll_interval: float = 1.0,
-    lease: float = 30.0,
-    scheduler: bool = True,
-    async_commit: bool = False,
-    max_tasks: int | None = None,
+    jobs: Mapping[str, Job] | None = None, *, dsn: str | None = None, **options: Any
 ) -> int:
     """Supervise worker processes from this process, as ``python -m underway.supervisor``
     does; blocks until stopped and returns the exit status.
@@ -694,31 +471,17 @@ def run_workers(
         underway.run_workers(workers=2, burst=True)   # work until nothing is ready
 
     :param jobs: the jobs to run, by name (default: every job defined so far).
-    :param scheduler: also run the scheduler process for the jobs' cron schedules
-        (never in burst mode).
-    :param async_commit: commit steps with ``synchronous_commit = off`` (see
-        :class:`~underway.worker.Worker`).
-    :param max_tasks: replace each worker process after it ran this many tasks.
+    :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
+    :param options: any field of :class:`~underway.options.SupervisorOptions`, with the
+        same defaults as the command line: ``workers`` (the CPU count), ``grace``,
+        ``burst``, ``poll_interval``, ``lease``, ``scheduler`` (never in burst mode),
+        ``async_commit`` and ``max_tasks``.
     :raises ConfigurationError: for options out of range (a lease under a second, say),
         before anything starts.
-    :param dsn: the database (default: :func:`underway.configure`'s, else ``$DATABASE_URL``).
     """
-    options = SupervisorOptions(
-        workers=workers,
-        grace=grace,
-        burst=burst,
-        poll_interval=poll_interval,
-        lease=lease,
-        scheduler=scheduler,
-        async_commit=async_commit,
-        max_tasks=max_tasks,
-    )
-    problem = options.problem()
-    if problem:
-        option, _, what = problem.partition(" ")
-        raise ConfigurationError(f"run_workers: {option.replace('-', '_')} {what}")
-    chosen = registered_jobs() if jobs is None else dict(jobs)
-    return Supervisor(resolve_dsn(dsn), chosen, options).run()
+    chosen = supervisor_options.from_keywords("run_workers", options)
+    jobs = registered_jobs() if jobs is None else dict(jobs)
+    return Supervisor(resolve_dsn(dsn), jobs, chosen).run()
 
 
 if __name__ == "__main__":

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
-from enum import Enum
 from typing import Any
 
-from .db import caller_cursor, execute
-from .queries import QUERIES
+from . import store
+from .db import caller_cursor
+from .records import TaskInfo, TaskState
 
-
-class TaskState(str, Enum):
-    """Where a task stands; the values are the labels of the SQL enum ``underway.task_state``."""
-
-    PENDING = "pending"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
+__all__ = ["Task", "TaskInfo", "TaskState", "cancel_task", "task_info"]
 
 
 @dataclass(frozen=True)
@@ -52,39 +43,13 @@ class Task:
         return cancel_task(self.id, conn=conn)
 
 
-@dataclass(frozen=True)
-class TaskInfo:
-    """A task as stored: what ``python -m underway.admin status`` shows."""
-
-    id: int
-    job: str
-    state: TaskState
-    #: The step it is at (from 0), and the tries of that step so far.
-    step: int
-    attempts: int
-    max_attempts: int
-    queue: str
-    #: The last failed try's error, if any.
-    error: str | None
-    cancel_requested: bool
-    dead_letter_queue: str | None
-    created_at: datetime
-    run_at: datetime
-    finished_at: datetime | None
-
-
 def task_info(task_id: int, *, conn: Any = None) -> TaskInfo | None:
     """The task with this id, or ``None`` when there is none (or no longer)."""
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["task_status"], {"id": task_id})
-        row = cur.fetchone()
-    if row is None:
-        return None
-    return TaskInfo(*row[:2], TaskState(row[2]), *row[3:])
+        return store.task_info(cur, task_id)
 
 
 def cancel_task(task_id: int, *, conn: Any = None) -> bool:
     """Cancel a task by id (see :meth:`Task.cancel`)."""
     with caller_cursor(conn) as cur:
-        execute(cur, QUERIES["cancel_task"], {"id": task_id})
-        return cur.fetchone() is not None
+        return store.cancel_task(cur, task_id) is not None

@@ -24,12 +24,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from . import store
 from .db import default_cursor, resolve_dsn
 from .errors import UnderwayError
-from .job import Job, registered_jobs
-from .queries import QUERIES
+from .job import Job, registered_jobs, unregister_job
 from .task import Task, TaskState, task_info
 from .worker import Worker
+
+__all__ = ["TaskFailed", "drain", "run_inline", "unregister_job"]
 
 
 class TaskFailed(UnderwayError):
@@ -78,19 +80,13 @@ def drain(
 def _make_delayed_due(worker: Worker) -> bool:
     """Make the worker's jobs' delayed tasks due now; whether there were any."""
     with worker.connect().cursor() as cur:
-        cur.execute(QUERIES["run_delayed_now"], {"jobs": worker.job_names})
-        return bool(cur.rowcount)
+        return bool(store.run_delayed_now(cur, worker.job_names))
 
 
 def _claimable(worker: Worker) -> bool:
     """Whether the worker could claim a task now: a claim, rolled back."""
     with worker.connect().cursor() as cur:
-        cur.execute("BEGIN")
-        try:
-            cur.execute(QUERIES["claim_task"], {"jobs": worker.job_names, "token": 1, "lease": 1})
-            return cur.fetchone() is not None
-        finally:
-            cur.execute("ROLLBACK")
+        return store.claimable(cur, worker.job_names)
 
 
 def run_inline(
@@ -110,6 +106,5 @@ def run_inline(
         info = task_info(task.id, conn=cur)
         if not raise_on_failure or info is None or info.state is not TaskState.FAILED:
             return task
-        cur.execute(QUERIES["last_failure"], {"id": task.id})
-        error, trace = cur.fetchone() or (info.error, None)
+        error, trace = store.last_failure(cur, task.id) or (info.error, None)
     raise TaskFailed(f"task {task.id} of job {job.name!r} failed: {error}\n{trace or ''}")

@@ -26,28 +26,26 @@ worker's slot.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
-import signal
-import threading
 import time
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
+from . import store
 from .context import Context
+from .db import is_outage
 from .errors import Fatal, StepTimeout
 from .job import Job, Step, To, to_json
-from .queries import QUERIES
-from .service import DATABASE_ERRORS, Service
+from .records import Claim, Release
+from .service import Service
 from .slots import Slots
+from .timeouts import StepClock
 
 log = logging.getLogger("underway.worker")
 
@@ -56,21 +54,6 @@ LOST = (
     "the task was taken from this worker (its lease lapsed) before the outcome was "
     "recorded; the step's writes were rolled back"
 )
-
-
-@dataclass(frozen=True)
-class Claim:
-    """A task this worker has claimed: the row as the claim left it."""
-
-    id: int
-    job: str
-    step: int
-    input: Any
-    attempt: int
-    max_attempts: int
-    scheduled_at: datetime | None
-    serial_queue: str | None
-    token: int
 
 
 class Worker(Service):
@@ -97,7 +80,6 @@ class Worker(Service):
     """
 
     role = "worker"
-    channel = "underway"
     log = log
 
     def __init__(
@@ -125,9 +107,8 @@ class Worker(Service):
         self.tasks_run = 0
         self.slots = slots or Slots(1)
         self.slot = slot if slots else 0
-        # Claims (token, reason, whether the try counts) held when the connection broke,
-        # to give back once reconnected.
-        self._orphans: list[tuple[int, str, bool]] = []
+        # Claims held when the connection broke, to give back once reconnected.
+        self._orphans: list[Release] = []
         # The next task, claimed in the transaction that completed the previous one.
         self._next: Claim | None = None
         self.clock = StepClock()
@@ -172,10 +153,14 @@ class Worker(Service):
     def on_stop(self) -> None:
         """Give back a next task claimed but not started: it was not tried."""
         if self._next is not None and self.conn is not None:
-            self._orphans.append((self._next.token, "the worker stopped before starting it", False))
+            self._orphans.append(Release(self._next.token, "the worker stopped before starting it"))
             self._next = None
-            with contextlib.suppress(*DATABASE_ERRORS):
+            try:
                 self.give_back_orphans()
+            except psycopg2.Error as exc:
+                if not is_outage(exc):
+                    raise
+                # Still posted in the slot: the supervisor gives it back.
 
     def on_connect(self) -> None:
         """Set the session up; after a reconnect, give back the task held when the
@@ -183,7 +168,7 @@ class Worker(Service):
         if self.async_commit:
             assert self.conn is not None
             with self.conn.cursor() as cur:
-                cur.execute("SET synchronous_commit = off")
+                store.set_async_commit(cur)
         if self._orphans:
             self.give_back_orphans()
 
@@ -196,29 +181,25 @@ class Worker(Service):
         conn = self.connect()
         try:
             with conn.cursor() as cur:
-                cur.execute(
-                    QUERIES["claim_task"],
-                    {"jobs": self.job_names, "token": token, "lease": self.lease},
-                )
-                row = cur.fetchone()
-        except DATABASE_ERRORS:
-            # The claim may have committed: give it back, uncounted, once reconnected.
-            self._orphans.append((token, "connection lost while claiming", False))
+                claim = store.claim_task(cur, self.job_names, token, self.lease)
+        except psycopg2.Error as exc:
+            if is_outage(exc):
+                # The claim may have committed: give it back, uncounted, once reconnected.
+                self._orphans.append(Release(token, "connection lost while claiming"))
             raise
-        if row is None:
+        if claim is None:
             self.slots.clear(self.slot)
             return None
-        self.slots.post(self.slot, token, row[0])
-        return Claim(*row, token=token)
+        self.slots.post(self.slot, token, claim.id)
+        return claim
 
     def wait(self) -> None:
         """Sleep until notified, until the next delayed task is due, or the poll interval."""
         with self.connect().cursor() as cur:
-            cur.execute(QUERIES["seconds_until_due"], {"jobs": self.job_names})
-            row = cur.fetchone()
+            due = store.seconds_until_due(cur, self.job_names)
         timeout = self.poll_interval
-        if row is not None:
-            timeout = min(timeout, max(row[0], 0.005))
+        if due is not None:
+            timeout = min(timeout, max(due, 0.005))
         self.wait_for_notification(timeout)
 
     # -- running a step -----------------------------------------------------------
@@ -264,7 +245,9 @@ class Worker(Service):
                 raise
             # The session is gone, and the step's transaction with it: give the task back
             # as soon as a new connection is up.
-            self._orphans.append((claim.token, f"connection lost during step: {exc}", True))
+            self._orphans.append(
+                Release(claim.token, f"connection lost during step: {exc}", "crashed")
+            )
             raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
         self._log(event, claim, step, duration=time.perf_counter() - started, **details)
 
@@ -311,40 +294,32 @@ class Worker(Service):
             next_token = random.getrandbits(63) or 1
             # Posted first: if this process dies now, the supervisor gives both back.
             self.slots.post(self.slot, claim.token, claim.id, cx.deadline or 0.0, next_token)
-        fence = {
-            "id": claim.id,
-            "token": claim.token,
-            "jobs": self.job_names if next_token else [],
-            "next_token": next_token,
-            "lease": self.lease,
-        }
-        if next_input is None:
-            sql, params = QUERIES["complete_task"], fence
-        else:
-            following = self.jobs[claim.job].steps[claim.step + 1]
-            params = {
-                **fence,
-                "input": next_input,
-                "delay": outcome.wait,
-                "max_attempts": following.retry.max_attempts,
-            }
-            sql = QUERIES["advance_task"]
+        following = None if next_input is None else self.jobs[claim.job].steps[claim.step + 1]
         with conn.cursor() as cur:
             try:
-                cur.execute(sql, params)
-                done, state, *claimed = cur.fetchone()
-                lost = not done
+                recorded = store.record_success(
+                    cur,
+                    claim,
+                    next_input=next_input,
+                    delay=outcome.wait,
+                    max_attempts=following.retry.max_attempts if following else 0,
+                    jobs=self.job_names if next_token else [],
+                    next_token=next_token,
+                    lease=self.lease,
+                )
+                lost = not recorded.done
                 if cx.in_transaction:
-                    cur.execute("ROLLBACK" if lost else "COMMIT")
-            except DATABASE_ERRORS:
-                if next_token and conn.closed:
-                    self._orphans.append((next_token, "connection lost while claiming", False))
+                    (store.rollback if lost else store.commit)(cur)
+            except psycopg2.Error as exc:
+                if next_token and conn.closed and is_outage(exc):
+                    self._orphans.append(Release(next_token, "connection lost while claiming"))
                 raise
-            if claimed[0] is not None and not (lost and cx.in_transaction):
-                self._next = Claim(*claimed, token=next_token)
+            if recorded.next is not None and not (lost and cx.in_transaction):
+                self._next = recorded.next
             if not lost and (outcome.wait or claim.serial_queue):
                 # Wake idle workers: for the next step later, or the serial queue's next task.
-                cur.execute("SELECT pg_notify('underway', '')")
+                store.notify(cur)
+        state = recorded.state
         if lost:
             return "lost", {"error": LOST}
         if state == "cancelled":
@@ -363,31 +338,28 @@ class Worker(Service):
         later or give up. The task row's ``max_attempts`` decides, as it does for crashes
         and lost leases."""
         retry = (
-            not isinstance(exc, Fatal) and step is not None and claim.attempt < claim.max_attempts
+            not isinstance(exc, Fatal)
+            and step is not None
+            and step.retry.should_retry(claim.attempt, claim.max_attempts)
         )
         delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
-        timed_out = isinstance(exc, StepTimeout)
         error = f"{type(exc).__name__}: {exc}"
         with conn.cursor() as cur:
             if cx.in_transaction:
-                cur.execute("ROLLBACK")
-            cur.execute(
-                QUERIES["fail_task"],
-                {
-                    "id": claim.id,
-                    "token": claim.token,
-                    "retry": retry,
-                    "delay": delay,
-                    "error": error,
-                    "traceback": traceback.format_exc(),
-                    "outcome": "timed_out" if timed_out else "failed",
-                },
+                store.rollback(cur)
+            state = store.record_failure(
+                cur,
+                claim,
+                retry=retry,
+                delay=delay,
+                error=error,
+                traceback=traceback.format_exc(),
+                outcome="timed_out" if isinstance(exc, StepTimeout) else "failed",
             )
-            if cur.rowcount != 1:
+            if state is None:
                 return "lost", {"error": f"{LOST} (the step failed: {error})"}
-            (state,) = cur.fetchone()
             if state == "pending" or claim.serial_queue:
-                cur.execute("SELECT pg_notify('underway', '')")
+                store.notify(cur)
         if state == "pending":
             return "retrying", {"error": error, "delay": delay}
         if state == "cancelled":
@@ -399,14 +371,12 @@ class Worker(Service):
         broke."""
         assert self.conn is not None
         while self._orphans:
-            token, reason, counts = self._orphans[0]
+            release = self._orphans[0]
             with self.conn.cursor() as cur:
-                released = release_claim(
-                    cur, token, counts, reason, "crashed" if counts else "interrupted"
-                )
+                released = store.release_claim(cur, release)
             self._orphans.pop(0)
             for task_id, state in released:
-                log.warning("gave back task %s (now %s): %s", task_id, state, reason)
+                log.warning("gave back task %s (now %s): %s", task_id, state, release.reason)
         self.slots.clear(self.slot)
 
     def _log(
@@ -452,75 +422,3 @@ class Worker(Service):
                 "attempt": claim.attempt,
             },
         )
-
-
-def release_claim(
-    cur: psycopg2.extensions.cursor, token: int, counts: bool, reason: str, outcome: str
-) -> list[tuple[int, str]]:
-    """Give back the task claimed with ``token`` (if it is still running under it), with
-    its try counted or not and recorded as ``outcome``; returns (task id, new state) of
-    what was released. What both a reconnected worker and a supervisor cleaning up after
-    a dead worker do."""
-    cur.execute(
-        QUERIES["release_task"],
-        {"token": token, "counts": counts, "outcome": outcome, "error": reason},
-    )
-    return [(task_id, state) for task_id, state, _ in cur.fetchall()]
-
-
-class StepClock:
-    """Stops a step that runs past its timeout by raising :class:`StepTimeout` in it.
-
-    SIGALRM does the interrupting, so only in the main thread, and only if nobody else uses
-    the timer (a test runner's own timeout, say), as seen at the first step: elsewhere a
-    step runs unbounded, and only the supervisor's deadline stands. A step that returns
-    late, having swallowed the interruption, has timed out all the same.
-    """
-
-    def __init__(self) -> None:
-        self.usable: bool | None = None  # decided at the first step
-        self.armed = False
-        self.timeout = 0.0
-
-    def run(self, function: Any, cx: Context, inp: Any, timeout: float) -> Any:
-        """Call a step, interrupting it once ``timeout`` seconds pass."""
-        global _armed_clock
-        if self.usable is None:
-            self.usable = _take_timer()
-        started = time.monotonic()
-        if self.usable:
-            self.armed, self.timeout, _armed_clock = True, timeout, self
-            signal.setitimer(signal.ITIMER_REAL, timeout)
-        try:
-            result = function(cx, inp)
-        finally:
-            if self.usable:
-                self.armed = False
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        if time.monotonic() - started > timeout:
-            raise StepTimeout(f"the step ran past its timeout of {timeout:g}s")
-        return result
-
-
-_armed_clock: StepClock | None = None
-
-
-def _on_alarm(signum: int, frame: Any) -> None:
-    """SIGALRM: the running step is over its time. Outside a step (the alarm raced the
-    step's return) there is nothing to stop; StepClock.run sees that the step was late."""
-    clock = _armed_clock
-    if clock is not None and clock.armed:
-        clock.armed = False
-        raise StepTimeout(f"the step ran past its timeout of {clock.timeout:g}s")
-
-
-def _take_timer() -> bool:
-    """Whether SIGALRM is free for underway (or already ours); if so, take it."""
-    if threading.current_thread() is not threading.main_thread():
-        return False
-    if signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, _on_alarm):
-        return False
-    if signal.getitimer(signal.ITIMER_REAL) != (0.0, 0.0):
-        return False
-    signal.signal(signal.SIGALRM, _on_alarm)
-    return True

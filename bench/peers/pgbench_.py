@@ -31,7 +31,7 @@ SELECT 'bench-noop', to_jsonb(g) FROM generate_series(0, %(n)s - 1) AS g;
 def script() -> str:
     """The pgbench script: the classic claim-and-complete transaction, four round trips
     (BEGIN, underway's claim, underway's completion, COMMIT) and one commit per task."""
-    from underway.queries import QUERIES
+    from underway.store import QUERIES
 
     def pgbench_sql(text: str) -> str:
         text = text.replace("%(jobs)s", "ARRAY['bench-noop']").replace("%(lease)s", "30")

@@ -165,7 +165,7 @@ def count_round_trips(server: Server, small: int = 50, large: int = 150) -> dict
     by ``large - small`` leaves out connecting and the final empty claim.
     """
     from underway import service
-    from underway.queries import QUERIES
+    from underway.store import QUERIES
     from underway.worker import Worker
 
     names = {text: name for name, text in QUERIES.items()}
