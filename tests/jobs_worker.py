@@ -47,7 +47,7 @@ def behave(cx: Any, inp: dict[str, Any]) -> Any:
     if kind == "next":
         return To.next({"too": "far"})
     if kind == "bad":
-        return {"not": "a To"}
+        return {"not": {"JSON"}}  # a set: no JSON value
     raise AssertionError(f"unknown return kind {kind!r}")
 
 

@@ -193,14 +193,15 @@ def test_status_shows_one_task_and_a_missing_one_exits_1(ldsn):
 
 @pytest.mark.timeout(60)
 def test_cancel_a_pending_task_then_again(ldsn):
-    """`cancel N` cancels a pending task (exit 0, says so); a second time, or for an id with
-    no task, it prints one line on stderr and exits 1."""
+    """`cancel N` cancels a pending task (exit 0, says "cancelled", as cancel() does); a
+    second time ("finished"), or for an id with no task, it prints one line on stderr and
+    exits 1."""
     task = jl.one.enqueue({"n": 1}, delay=3600)
     done = cli(ldsn, "cancel", str(task.id))
     assert (done.returncode, done.stderr) == (0, "")
-    assert done.stdout.startswith(f"cancelled task {task.id}")
+    assert done.stdout.startswith(f"cancelled: task {task.id}")
     assert task.status() is TaskState.CANCELLED
-    assert_one_line_error(cli(ldsn, "cancel", str(task.id)), f"task {task.id} is not pending")
+    assert_one_line_error(cli(ldsn, "cancel", str(task.id)), f"task {task.id} had finished")
     assert_one_line_error(cli(ldsn, "cancel", "987654"), "987654")
 
 

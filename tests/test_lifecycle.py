@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections import Counter
 from datetime import timedelta
 
 import jobs_lifecycle as jl
@@ -24,7 +25,7 @@ import pytest
 from jobs_faults import Gate, holds_for, task_row
 from jobs_lifecycle import attempts, effects
 
-from underway import TaskState, admin
+from underway import CancelResult, TaskState, admin
 from underway.task import cancel_task, task_info
 from underway.worker import Worker
 
@@ -149,17 +150,17 @@ def keyed_rows(dsn, key):
 
 @pytest.mark.timeout(30)
 def test_cancel_pending_and_delayed_tasks_they_never_run(ldsn, make_worker):
-    """Cancelling a pending task and a delayed one: cancel() is True, then False; both are
-    'cancelled' with finished_at (and retention) set, and no worker ever runs them, not even
-    once they are due."""
+    """Cancelling a pending task and a delayed one: cancel() says "cancelled", then
+    "finished"; both are 'cancelled' with finished_at (and retention) set, and no worker
+    ever runs them, not even once they are due."""
     w = make_worker()
     ready = jl.one.enqueue({"n": 1})
     later = jl.one.enqueue({"n": 2}, delay=timedelta(hours=1))
 
-    assert ready.cancel() is True
-    assert later.cancel() is True
-    assert ready.cancel() is False
-    assert later.cancel() is False
+    assert ready.cancel() is CancelResult.CANCELLED
+    assert later.cancel() == "cancelled"
+    assert ready.cancel() is CancelResult.FINISHED
+    assert later.cancel() == "finished"
 
     for task in (ready, later):
         assert task.status() is TaskState.CANCELLED
@@ -180,7 +181,7 @@ def test_cancel_in_a_rolled_back_transaction_changes_nothing(ldsn, make_worker):
     task = jl.one.enqueue({"n": 1})
     conn = psycopg2.connect(ldsn)
     try:
-        assert task.cancel(conn=conn) is True
+        assert task.cancel(conn=conn) is CancelResult.CANCELLED
         assert task.status(conn=conn) is TaskState.CANCELLED  # seen inside the transaction
         conn.rollback()
     finally:
@@ -194,16 +195,16 @@ def test_cancel_in_a_rolled_back_transaction_changes_nothing(ldsn, make_worker):
 @pytest.mark.timeout(60)
 def test_cancel_running_task_finishes_its_step_and_goes_no_further(ldsn, lgate):
     """A real worker is inside step 0 (blocked on the gate) when the task is cancelled:
-    cancel() says True (also when repeated); the step finishes and its write commits, but
-    step 1 never runs and the task ends 'cancelled' with finished_at set."""
+    cancel() says "requested" (also when repeated); the step finishes and its write commits,
+    but step 1 never runs and the task ends 'cancelled' with finished_at set."""
     key = lgate.hold(9101)
     task = jl.two.enqueue({"lock": key})
     with supervisor(ldsn) as sup:
         wait_blocked(ldsn, key)
         assert task.status() is TaskState.RUNNING
-        assert task.cancel() is True
+        assert task.cancel() is CancelResult.REQUESTED
         first_request = task_row(ldsn, task.id)["cancel_requested_at"]
-        assert task.cancel() is True
+        assert task.cancel() is CancelResult.REQUESTED
         assert task_row(ldsn, task.id)["cancel_requested_at"] == first_request
         info = task_info(task.id)
         assert info.state is TaskState.RUNNING and info.cancel_requested
@@ -217,7 +218,7 @@ def test_cancel_running_task_finishes_its_step_and_goes_no_further(ldsn, lgate):
     row = task_row(ldsn, task.id)
     assert row["finished_at"] is not None
     assert row["expires_at"] == row["finished_at"] + FOURTEEN_DAYS
-    assert task.cancel() is False
+    assert task.cancel() is CancelResult.FINISHED
 
 
 @pytest.mark.slow
@@ -228,7 +229,7 @@ def test_step_polling_cx_cancelled_stops_early(ldsn):
     task = jl.poll.enqueue({"n": 1})
     with supervisor(ldsn) as sup:
         wait_state(ldsn, task.id, "running", sup=sup)
-        assert task.cancel() is True
+        assert task.cancel() is CancelResult.REQUESTED
         wait_state(ldsn, task.id, "cancelled", sup=sup)
     assert effects(ldsn, task.id) == [(0, 1, "polling"), (0, 1, "stopped early")]
     assert attempts(ldsn, task.id) == [(0, 1, "succeeded")]
@@ -243,7 +244,7 @@ def test_cancel_during_a_failing_step_is_not_retried(ldsn, lgate):
     task = jl.fail_block.enqueue({"lock": key})
     with supervisor(ldsn) as sup:
         wait_blocked(ldsn, key)
-        assert task.cancel() is True
+        assert task.cancel() is CancelResult.REQUESTED
         lgate.release(key)
         wait_state(ldsn, task.id, "cancelled", sup=sup)
         # A retry would be due 10 ms later and start at once; the worker is idle instead.
@@ -257,24 +258,25 @@ def test_cancel_during_a_failing_step_is_not_retried(ldsn, lgate):
 
 @pytest.mark.timeout(30)
 def test_cancel_of_a_finished_task_is_false_and_changes_nothing(ldsn, make_worker):
-    """Succeeded, failed (no dead-letter queue) and already-cancelled tasks: cancel() is
-    False and the row is unchanged (no cancel_requested_at either); so is cancelling an id
-    that does not exist."""
+    """Succeeded, failed (no dead-letter queue) and already-cancelled tasks: cancel() says
+    "finished" and the row is unchanged (no cancel_requested_at either); cancelling an id
+    that does not exist raises LookupError."""
     w = make_worker()
     done = jl.one.enqueue({"n": 1})
     failed = jl.no_dlq.enqueue({"n": 2})
     cancelled = jl.one.enqueue({"n": 3})
-    assert cancelled.cancel() is True
+    assert cancelled.cancel() is CancelResult.CANCELLED
     run_all(w, ldsn)
     assert [t.status() for t in (done, failed, cancelled)] == ["succeeded", "failed", "cancelled"]
 
     before = {t.id: task_row(ldsn, t.id) for t in (done, failed, cancelled)}
     for task in (done, failed, cancelled):
-        assert task.cancel() is False
-        assert cancel_task(task.id) is False
+        assert task.cancel() is CancelResult.FINISHED
+        assert cancel_task(task.id) is CancelResult.FINISHED
         assert task_row(ldsn, task.id) == before[task.id]
     assert before[done.id]["cancel_requested_at"] is None
-    assert cancel_task(10**12) is False
+    with pytest.raises(LookupError):
+        cancel_task(10**12)
 
 
 @pytest.mark.slow
@@ -282,8 +284,9 @@ def test_cancel_of_a_finished_task_is_false_and_changes_nothing(ldsn, make_worke
 def test_cancel_racing_claims_never_half_runs_a_task(ldsn):
     """1000 one-step tasks are cancelled, in random order, while two workers drain them.
     Every task ends either 'succeeded' (its step committed exactly once, one try) or
-    'cancelled' (its step never ran, no try); a False from cancel() means it had succeeded
-    already, and every cancelled task got a True."""
+    'cancelled' (its step never ran, no try). cancel() told the truth each time: a
+    "cancelled" task never ran; one cancelled while its only step ran ("requested") or
+    after it ("finished") ended succeeded."""
     with supervisor(ldsn, workers=2) as sup:
         wait_idle(ldsn, 2)
         tasks = jl.one.enqueue_many([{"n": n} for n in range(1000)])
@@ -318,10 +321,8 @@ def test_cancel_racing_claims_never_half_runs_a_task(ldsn):
             assert (ran, tries) == (1, 1), (task_id, ran, tries)
         else:
             assert (ran, tries) == (0, 0), (task_id, ran, tries)
-            assert said[task_id] is True, task_id
-        if said[task_id] is False:
-            assert st == "succeeded", task_id
-    print(f"\ncancel race: {outcome}, cancel() False for {list(said.values()).count(False)}")
+        assert (said[task_id] is CancelResult.CANCELLED) == (st == "cancelled"), task_id
+    print(f"\ncancel race: {outcome}, cancel() said {Counter(said.values())}")
 
 
 @pytest.mark.timeout(30)
@@ -535,7 +536,7 @@ def test_redrive_of_a_dead_letter_cancelled_during_its_last_try_runs_it(ldsn, ma
     query(ldsn, "UPDATE underway.task SET run_at = now() - interval '1 s'")
     claim = w.claim()  # the last try of step 1
     assert claim is not None and claim.attempt == 3
-    assert task.cancel() is True
+    assert task.cancel() is CancelResult.REQUESTED
     w.execute(claim)
     assert [d.id for d in admin.dead_letters(jl.DEAD)] == [task.id]
 
@@ -658,7 +659,7 @@ def test_key_is_free_again_once_its_task_finished(ldsn, make_worker, ending):
     if ending == "succeeded":
         run_all(w, ldsn)
     elif ending == "cancelled":
-        assert first.cancel() is True
+        assert first.cancel() is CancelResult.CANCELLED
     else:
         query(ldsn, "UPDATE underway.task SET state = 'failed' WHERE id = %s", (first.id,))
     assert first.status() == ending
@@ -848,7 +849,7 @@ def test_finished_tasks_expire_keep_for_after_they_finished(ldsn, make_worker):
     default_ok = jl.one.enqueue({"n": 2})
     default_failed = jl.no_dlq.enqueue({"n": 3})
     cancelled = jl.kept.enqueue({"n": 4}, delay=3600)
-    assert cancelled.cancel() is True
+    assert cancelled.cancel() is CancelResult.CANCELLED
     letter = jl.dlq.enqueue({"n": 5, "fatal": True})
     run_all(w, ldsn)
     pending = jl.one.enqueue({"n": 6})

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from underway import admin, migrations, supervisor
+from underway import cli, migrations, supervisor
 
 from .helpers import REPO_ROOT, run_python
 
@@ -140,7 +140,7 @@ def test_quoted_samples_match_their_files(block: Block) -> None:
 
 PARSERS = {
     "underway.supervisor": supervisor.parse_args,
-    "underway.admin": admin.parse_args,
+    "underway.admin": cli.parse_args,
 }
 
 

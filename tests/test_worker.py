@@ -362,13 +362,13 @@ def test_step_retry_policy_overrides_the_jobs(dsn, make_worker):
 @pytest.mark.parametrize(
     ("returned", "expected"),
     [
-        ("bad", "Fatal: step 'act' of job 'worker-act' returned dict"),
+        ("bad", "Fatal: result of step 'act' of 'worker-act' is not JSON-serialisable"),
         ("next", "Fatal: step 'act' is the last step of job 'worker-act'"),
     ],
 )
 def test_wrong_return_value_fails_at_once(dsn, make_worker, returned, expected):
-    """A step returning something other than To/None, or To.next from the last step, fails
-    the task on its first try with a message naming the step; its write is rolled back."""
+    """A step returning a value that is no JSON, or To.next from the last step, fails the
+    task on its first try with a message naming the step; its write is rolled back."""
     w = make_worker()
     task = jobs_worker.act_job.enqueue({"return": returned})
 

@@ -10,15 +10,24 @@ from typing import Any
 from .context import Context
 from .cron import ZonedSchedule
 from .db import configure
-from .errors import ConfigurationError, Fatal, SchemaMissing, UnderwayError
+from .errors import (
+    ConfigurationError,
+    Fatal,
+    SchemaMissing,
+    TaskCancelled,
+    TaskFailed,
+    UnderwayError,
+)
 from .job import Job, To
 from .migrations import run_migrations
 from .retry import RetryPolicy
-from .task import Task, TaskState
+from .task import CancelResult, Task, TaskState
+from .task import get_task as task  # underway.task(id): a handle on any task, by id
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CancelResult",
     "ConfigurationError",
     "Context",
     "Fatal",
@@ -26,6 +35,8 @@ __all__ = [
     "RetryPolicy",
     "SchemaMissing",
     "Task",
+    "TaskCancelled",
+    "TaskFailed",
     "TaskState",
     "To",
     "UnderwayError",
@@ -34,6 +45,8 @@ __all__ = [
     "configure",
     "run_migrations",
     "run_workers",
+    "schedules",
+    "task",
 ]
 
 
@@ -44,4 +57,9 @@ def __getattr__(name: str) -> Any:
         from .supervisor import run_workers
 
         return run_workers
+    # underway.admin runs as __main__ for `python -m underway.admin`: loaded on demand.
+    if name == "schedules":
+        from .admin import schedules
+
+        return schedules
     raise AttributeError(f"module 'underway' has no attribute {name!r}")

@@ -1,46 +1,66 @@
-"""Operating underway: pause and resume queues, look into and re-drive dead-letter queues,
-look up or cancel one task, and apply retention now.
+"""Operating underway: see what is queued, running and failed, and steer it.
+
+- Look: :func:`queues`, :func:`list_tasks`, :func:`task_detail`, :func:`dead_letters`,
+  :func:`schedules`, :func:`supervisors`, :func:`throughput`, :func:`limits`,
+  :func:`unhandled_jobs`.
+- Steer: :func:`pause` and :func:`resume` a queue, :func:`retry` failed tasks,
+  :func:`redrive` a dead-letter queue, :func:`cancel_task` (or abort one), :func:`enqueue`
+  a job by name, :func:`set_rate_limit`, :func:`purge_expired`.
 
 Every function takes an optional ``conn`` (as :meth:`Job.enqueue <underway.Job.enqueue>`
-does); without it, the process's own connection is used. The same operations from a shell::
-
-    python -m underway.admin queues
-    python -m underway.admin pause emails
-    python -m underway.admin resume emails
-    python -m underway.admin dead-letters emails-dlq
-    python -m underway.admin redrive emails-dlq [--id 42 --id 43]
-    python -m underway.admin status 42
-    python -m underway.admin cancel 42
-    python -m underway.admin purge
+does); without it, the process's own connection is used. The same from a shell:
+``python -m underway.admin --help`` (or the ``underway`` command), and in a browser:
+``python -m underway.web``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import psycopg2
-
 from . import store
-from .db import caller_cursor, configure
-from .errors import UnderwayError
-from .records import DeadLetter, QueueSummary, TaskInfo
-from .task import cancel_task, task_info
+from .cron import ZonedSchedule
+from .db import caller_cursor
+from .records import (
+    CancelResult,
+    DeadLetter,
+    Limit,
+    Minute,
+    QueueSummary,
+    ScheduleInfo,
+    SupervisorInfo,
+    TaskDetail,
+    TaskSummary,
+    UnhandledJob,
+)
+from .task import cancel_task, retry_tasks, task_info
+from .upkeep import ALIVE_WITHIN, renewal_interval
+from .values import INT_MAX, aware, seconds, to_json
 
 __all__ = [
+    "CancelResult",
     "DeadLetter",
     "QueueSummary",
     "cancel_task",
+    "clear_rate_limit",
     "dead_letters",
+    "enqueue",
+    "limits",
+    "list_tasks",
     "pause",
     "purge_expired",
     "queues",
     "redrive",
     "resume",
+    "retry",
+    "schedules",
+    "set_rate_limit",
+    "supervisors",
+    "task_detail",
     "task_info",
+    "throughput",
+    "unhandled_jobs",
 ]
 
 
@@ -101,102 +121,180 @@ def _queue_name(queue: Any) -> str:
     return queue
 
 
-# -- the command line ------------------------------------------------------------------
+def list_tasks(
+    *,
+    state: str | None = None,
+    job: str | None = None,
+    queue: str | None = None,
+    since: datetime | timedelta | float | None = None,
+    before: int | None = None,
+    limit: int = 50,
+    conn: Any = None,
+) -> list[TaskSummary]:
+    """Tasks, newest first: ``limit`` of them, with ids below ``before`` (to page on).
 
-
-def _print_rows(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-    """Print a plain, aligned table."""
-    cells = [list(headers)] + [["" if v is None else str(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    for row in cells:
-        print("  ".join(value.ljust(width) for value, width in zip(row, widths)).rstrip())
-
-
-def _show_task(info: TaskInfo) -> None:
-    for field in fields(info):
-        value = getattr(info, field.name)
-        print(f"{field.name:>18}: {getattr(value, 'value', value)}")
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse the command line of ``python -m underway.admin``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m underway.admin", description="Operate underway's queues and tasks."
-    )
-    parser.add_argument("--dsn", help="database (default: $DATABASE_URL)")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    commands.add_parser("queues", help="list queues with unfinished work, and paused ones")
-    for name, text in [("pause", "pause a queue"), ("resume", "resume a paused queue")]:
-        commands.add_parser(name, help=text).add_argument("queue")
-    commands.add_parser("dead-letters", help="list a dead-letter queue").add_argument("queue")
-    redrive_cmd = commands.add_parser("redrive", help="put dead-lettered tasks back to work")
-    redrive_cmd.add_argument("queue")
-    redrive_cmd.add_argument(
-        "--id", dest="ids", type=int, action="append", help="only this task (repeatable)"
-    )
-    commands.add_parser("status", help="show one task").add_argument("task_id", type=int)
-    commands.add_parser("cancel", help="cancel one task").add_argument("task_id", type=int)
-    commands.add_parser("purge", help="delete finished tasks past their retention now")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m underway.admin``; returns the exit status."""
-    args = parse_args(argv)
-    if args.dsn:
-        configure(args.dsn)
-    try:
-        return _run(args)
-    except (UnderwayError, psycopg2.OperationalError, TypeError) as exc:
-        print(f"underway: {exc}".strip(), file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
-    """Carry out one parsed command."""
-    if args.command == "queues":
-        rows = [
-            (
-                q.queue,
-                q.pending,
-                q.running,
-                q.failed,
-                "yes" if q.paused else "",
-                "" if q.lag is None else f"{q.lag:.1f}s",
-            )
-            for q in queues()
-        ]
-        _print_rows(["QUEUE", "PENDING", "RUNNING", "FAILED", "PAUSED", "LAG"], rows)
-    elif args.command == "pause":
-        pause(args.queue)
-        print(f"paused queue {args.queue!r}")
-    elif args.command == "resume":
-        was = resume(args.queue)
-        print(f"resumed queue {args.queue!r}" if was else f"queue {args.queue!r} was not paused")
-    elif args.command == "dead-letters":
-        letters = dead_letters(args.queue)
-        _print_rows(
-            ["ID", "JOB", "STEP", "TRIES", "FAILED AT", "ERROR"],
-            [(d.id, d.job, d.step, d.attempts, d.finished_at, d.error) for d in letters],
+    :param state: only tasks in this state (``pending``, ``running``, ``succeeded``,
+        ``failed``, ``cancelled``).
+    :param since: only tasks enqueued since this time (an aware datetime), or within this
+        long (a timedelta or seconds).
+    """
+    if state is not None and state not in _STATES:
+        raise ValueError(f"state must be one of {', '.join(_STATES)}, not {state!r}")
+    if not 1 <= int(limit) <= 10_000:
+        raise ValueError(f"limit must be from 1 to 10000, not {limit!r}")
+    with caller_cursor(conn) as cur:
+        return store.list_tasks(
+            cur,
+            state=state,
+            job=job,
+            queue=queue,
+            since=_since(since),
+            before=before,
+            limit=int(limit),
         )
-    elif args.command == "redrive":
-        ids = redrive(args.queue, args.ids)
-        print(f"re-drove {len(ids)} task(s) from {args.queue!r}: {', '.join(map(str, ids))}")
-    elif args.command == "status":
-        info = task_info(args.task_id)
-        if info is None:
-            print(f"underway: no task {args.task_id}", file=sys.stderr)
-            return 1
-        _show_task(info)
-    elif args.command == "cancel":
-        if not cancel_task(args.task_id):
-            print(f"underway: task {args.task_id} is not pending or running", file=sys.stderr)
-            return 1
-        print(f"cancelled task {args.task_id} (a running step finishes first)")
-    elif args.command == "purge":
-        print(f"deleted {purge_expired()} finished task(s) past their retention")
-    return 0
 
 
-if __name__ == "__main__":
+def task_detail(task_id: int, *, conn: Any = None) -> TaskDetail | None:
+    """The task with this id, whole: input, output, where it stands, its timing, and every
+    try with its error and traceback. ``None`` when there is no such task."""
+    with caller_cursor(conn) as cur:
+        return store.task_detail(cur, int(task_id))
+
+
+def retry(
+    task_ids: Sequence[int] | None = None,
+    *,
+    job: str | None = None,
+    since: datetime | timedelta | float | None = None,
+    limit: int = 10_000,
+    conn: Any = None,
+) -> list[int]:
+    """Put failed tasks back to work at the step that failed, with its tries renewed:
+    those with the given ids, or a job's failed tasks (since a time, if given). With or
+    without a dead-letter queue; the same task goes back, never a copy, and its history
+    stays. Returns the ids put back.
+
+    :raises UnderwayError: when a task asked for by id is not failed (nothing is retried
+        then); the message says what each one is.
+    """
+    if (task_ids is None) == (job is None):
+        raise ValueError("retry takes task ids, or job= (with since=), not both or neither")
+    with caller_cursor(conn) as cur:
+        if task_ids is None:
+            assert job is not None
+            task_ids = store.failed_task_ids(cur, job, _since(since), limit)
+            if not task_ids:
+                return []
+        return retry_tasks(task_ids, conn=cur)
+
+
+def enqueue(
+    job: str,
+    input: Any = None,
+    *,
+    delay: timedelta | float | None = None,
+    run_at: datetime | None = None,
+    priority: int | None = None,
+    key: str | None = None,
+    conn: Any = None,
+) -> int:
+    """Enqueue a task of a job known only by its name (as from a shell), with the defaults
+    its supervisors registered; returns the task's id."""
+    if not isinstance(job, str) or not job.strip():
+        raise TypeError(f"job must be a job's name, not {job!r}")
+    if run_at is not None and delay is not None:
+        raise ValueError("give delay or run_at, not both")
+    when = None if run_at is None else aware(run_at, "run_at")
+    with caller_cursor(conn) as cur:
+        return store.enqueue_named(
+            cur,
+            job,
+            to_json(input, f"job {job!r}: input"),
+            delay=seconds(delay),
+            priority=priority,
+            key=key,
+            run_at=when,
+        )
+
+
+def schedules(*, conn: Any = None) -> list[ScheduleInfo]:
+    """Every stored schedule, with its last fire and its next one."""
+    now = datetime.now(timezone.utc)
+    found = []
+    with caller_cursor(conn) as cur:
+        rows = store.schedules(cur)
+    for row in rows:
+        try:
+            parsed = ZonedSchedule.parse(row["expression"])
+            zone = parsed.zone_name
+            upcoming = parsed.next_after(max(now, row["last_fire"] or now))
+        except ValueError:
+            zone, upcoming = "?", None
+        found.append(ScheduleInfo(**row, zone=zone, next_fire=upcoming))
+    return found
+
+
+def supervisors(*, lease: float = 30.0, conn: Any = None) -> list[SupervisorInfo]:
+    """Live supervisors (heard from within three lease renewals), each with its host, pid,
+    jobs, and what each of its workers runs now."""
+    with caller_cursor(conn) as cur:
+        return store.supervisors(cur, ALIVE_WITHIN * renewal_interval(lease))
+
+
+def throughput(*, minutes: int = 60, queue: str | None = None, conn: Any = None) -> list[Minute]:
+    """Tasks finished per minute (succeeded, failed for good, and tries retried) over the
+    last ``minutes`` minutes, oldest first, of one queue or all."""
+    if not 1 <= int(minutes) <= 1440:
+        raise ValueError(f"minutes must be from 1 to 1440, not {minutes!r}")
+    with caller_cursor(conn) as cur:
+        return store.throughput(cur, int(minutes), queue)
+
+
+def set_rate_limit(queue: str, count: int, per: str | float, *, conn: Any = None) -> None:
+    """Let at most ``count`` tasks of ``queue`` start per ``per`` (seconds, or ``"s"``,
+    ``"m"``, ``"h"``), across all supervisors and hosts: a token bucket kept in the
+    database. A queue at its limit is passed over, never waited on."""
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= INT_MAX:
+        raise ValueError(f"count must be an integer from 1, not {count!r}")
+    period = _PERIODS.get(per) if isinstance(per, str) else per
+    if period is None or not 0 < seconds(period) <= 86_400:
+        raise ValueError(f"per must be 's', 'm', 'h' or seconds up to a day, not {per!r}")
+    with caller_cursor(conn) as cur:
+        store.set_rate_limit(cur, _queue_name(queue), count, seconds(period))
+
+
+def clear_rate_limit(queue: str, *, conn: Any = None) -> bool:
+    """Lift a queue's rate limit; returns whether it had one."""
+    with caller_cursor(conn) as cur:
+        return store.clear_rate_limit(cur, _queue_name(queue))
+
+
+def limits(*, conn: Any = None) -> list[Limit]:
+    """Every rate limit and concurrency limit, with the room each has now."""
+    with caller_cursor(conn) as cur:
+        return store.limits(cur)
+
+
+def unhandled_jobs(*, lease: float = 30.0, conn: Any = None) -> list[UnhandledJob]:
+    """Jobs with tasks waiting over a minute that no live supervisor runs."""
+    with caller_cursor(conn) as cur:
+        return store.unhandled_jobs(cur, ALIVE_WITHIN * renewal_interval(lease))
+
+
+_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _since(since: datetime | timedelta | float | None) -> datetime | None:
+    """A ``since`` filter as an instant: an aware datetime, or that long ago."""
+    if since is None or isinstance(since, datetime):
+        return None if since is None else aware(since, "since")
+    return datetime.now(timezone.utc) - timedelta(seconds=seconds(since))
+
+
+if __name__ == "__main__":  # python -m underway.admin
+    import sys
+
+    from .cli import main
+
     sys.exit(main())

@@ -68,6 +68,16 @@ class Context:
             self.in_transaction = True
         return self._conn
 
+    def ended_its_transaction(self) -> bool:
+        """Whether the step began the transaction (through :attr:`connection`) and then
+        ended it itself, with a COMMIT or ROLLBACK of its own: the worker must not."""
+        status = self._conn.info.transaction_status
+        return self.in_transaction and status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+    def closed(self) -> bool:
+        """Whether the worker's connection is gone."""
+        return bool(self._conn.closed)
+
     @property
     def cancelled(self) -> bool:
         """Whether this task's cancellation was asked for while it ran. The worker stops

@@ -12,6 +12,7 @@ import os
 import re
 import select
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -23,7 +24,7 @@ import psycopg2.extensions
 from . import store
 from .errors import ConfigurationError, SchemaMissing
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """The newest migration this version of underway needs."""
 
 _configured_dsn: str | None = None
@@ -76,11 +77,8 @@ CONNECTION_DEFAULTS = {
 }
 
 
-def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensions.connection:
-    """Open an autocommit connection; transactions are begun explicitly where needed.
-
-    Raises :class:`psycopg2.OperationalError` with the password left out of its message.
-    """
+def _connection_settings(dsn: str, application_name: str) -> dict[str, str]:
+    """Our connection defaults that the DSN does not set itself."""
     try:
         given = psycopg2.extensions.parse_dsn(dsn)
     except psycopg2.ProgrammingError:
@@ -89,9 +87,18 @@ def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensi
             "invalid database DSN: it is neither a postgresql:// URI nor key=value pairs "
             "(not shown, as it may hold a password); check the quoting of special characters"
         ) from None
+    settings = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
+    settings.setdefault("application_name", given.get("application_name", application_name))
+    return settings
+
+
+def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensions.connection:
+    """Open an autocommit connection; transactions are begun explicitly where needed.
+
+    Raises :class:`psycopg2.OperationalError` with the password left out of its message.
+    """
+    settings = _connection_settings(dsn, application_name)
     try:
-        settings = {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
-        settings.setdefault("application_name", given.get("application_name", application_name))
         conn = psycopg2.connect(dsn, **settings)
     except psycopg2.OperationalError as exc:
         reason = str(exc).strip().replace("\n", " ")
@@ -99,6 +106,59 @@ def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensi
             f"cannot connect to the database at {redact_dsn(dsn)}: {reason}"
         ) from None
     conn.autocommit = True
+    return conn
+
+
+class BoundedConnection(psycopg2.extensions.connection):
+    """An autocommit connection on which no wait is longer than :attr:`timeout` seconds (or
+    past :attr:`deadline`): connecting, and every statement that :mod:`underway.store`
+    sends. It runs in psycopg2's asynchronous mode and waits with ``select``, so even a
+    server that froze mid-statement, whose socket stays open and acknowledged, cannot
+    hold the process: past the limit the connection is closed and ``OperationalError``
+    raised, as for any lost connection. The supervisor and the scheduler use it; workers
+    cannot, as steps run their own statements on the worker's connection."""
+
+    #: The longest wait for one statement, in seconds.
+    timeout: float = 10.0
+    #: A ``time.monotonic()`` instant no wait may pass (a stop's end), or None.
+    deadline: float | None = None
+
+    def settle(self) -> None:
+        """Wait until the connection is idle again: connected, or the statement done."""
+        limit = time.monotonic() + self.timeout
+        if self.deadline is not None:
+            limit = min(limit, self.deadline)
+        while True:
+            state = self.poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            left = limit - time.monotonic()
+            wanted = ([self], []) if state == psycopg2.extensions.POLL_READ else ([], [self])
+            if not any(select.select(*wanted, [], max(left, 0))):
+                self.close()
+                raise psycopg2.OperationalError(
+                    f"the database did not answer within {max(self.timeout, 0):g}s; "
+                    "connection closed"
+                )
+
+
+def connect_bounded(dsn: str, *, application_name: str, timeout: float) -> BoundedConnection:
+    """Open a :class:`BoundedConnection` whose statements also carry a server-side
+    ``statement_timeout`` of ``timeout``."""
+    settings = _connection_settings(dsn, application_name)
+    try:
+        conn = psycopg2.connect(dsn, async_=True, connection_factory=BoundedConnection, **settings)
+        conn.timeout = timeout
+        conn.settle()
+        with conn.cursor() as cur:
+            # The server gives up a second after we do, for statements we abandoned.
+            cur.execute("SET statement_timeout = %s", (int(timeout * 1000) + 1000,))
+            conn.settle()
+    except psycopg2.OperationalError as exc:
+        reason = str(exc).strip().replace("\n", " ")
+        raise psycopg2.OperationalError(
+            f"cannot connect to the database at {redact_dsn(dsn)}: {reason}"
+        ) from None
     return conn
 
 
@@ -145,16 +205,23 @@ def check_schema(conn: psycopg2.extensions.connection) -> None:
 
 def is_outage(exc: BaseException) -> bool:
     """Whether a database error means the database is away or unwilling right now (a
-    restart, a failover, a dropped or frozen connection, no free connection slot), which
-    waiting and reconnecting mends; as opposed to a mistake in a statement or in the data,
-    which no reconnect mends and which must stop the process loudly."""
-    if isinstance(exc, (psycopg2.OperationalError, psycopg2.InterfaceError)):
+    restart, a failover, a server turned read-only, a dropped connection, no free
+    connection slot), which waiting and reconnecting mends; as opposed to an error of the
+    statement itself (a bug, bad data, a deadlock, a statement timeout), which no
+    reconnect mends."""
+    if isinstance(exc, psycopg2.InterfaceError):
         return True
-    if isinstance(exc, psycopg2.Error):
-        # A dead socket after a server crash may surface as a bare DatabaseError without
-        # an SQLSTATE; a server turned read-only (a failover) refuses writes with 25006.
-        return exc.pgcode is None or exc.pgcode == "25006"
-    return False
+    if not isinstance(exc, psycopg2.Error):
+        return False
+    code = exc.pgcode
+    if code is None:
+        # A dead socket: "server closed the connection unexpectedly", or after a server
+        # crash a bare DatabaseError without an SQLSTATE.
+        return isinstance(exc, psycopg2.OperationalError) or type(exc) is psycopg2.DatabaseError
+    # 08: connection exceptions; 53: too many connections, out of memory or disk;
+    # 57P: shutdown, terminated backend, server starting up; 58: system errors;
+    # 25006: the server is read-only (a replica, or a failover in progress).
+    return code[:2] in ("08", "53", "58") or code.startswith("57P") or code == "25006"
 
 
 class ProcessConnection:

@@ -31,3 +31,23 @@ class StepTimeout(BaseException):
     step's own ``except Exception:`` cannot swallow it. The try is recorded as timed out
     and retried as the step's policy says.
     """
+
+
+class UndecodableInput(UnderwayError, ValueError):
+    """A stored JSON value that PostgreSQL accepted but Python cannot decode: a number of
+    thousands of digits, or nesting thousands deep. A task with such an input fails for
+    good, naming its job; it never stops a worker."""
+
+
+class TaskFailed(UnderwayError):
+    """The task failed for good. The message holds its last error and that error's
+    traceback; :attr:`error` and :attr:`traceback` hold them apart."""
+
+    def __init__(self, message: str, error: str | None = None, traceback: str | None = None):
+        super().__init__(message)
+        self.error = error
+        self.traceback = traceback
+
+
+class TaskCancelled(UnderwayError):
+    """The task was cancelled, so it has no result."""

@@ -1,31 +1,36 @@
 """Jobs: a named sequence of plain step functions, and how a step says what comes next.
 
 A job run moves through its steps in order. Each step is called as ``step(cx, inp)``
-and returns :class:`To` (or ``None``, which means done); the value it passes on becomes
-the next step's input. Inputs travel through PostgreSQL as JSON.
+and returns :class:`To`, or a plain value: the next step's input, or, from the last step,
+the task's result. ``None`` means done. Inputs and results travel through PostgreSQL as
+JSON.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Union, overload
+from typing import Any, Callable, overload
 
-from . import store
+from . import store, tracing
 from .cron import ZonedSchedule
 from .db import caller_cursor
 from .errors import ConfigurationError
 from .retry import RetryPolicy
 from .task import Task
-
-INT_MIN, INT_MAX = -(2**31), 2**31 - 1
-"""The range of PostgreSQL's ``integer``, which priorities are stored as."""
-
-Delay = Union[timedelta, float, int, None]
-"""A delay: a :class:`~datetime.timedelta` or a number of seconds; ``None`` means none."""
+from .values import (
+    INT_MAX,
+    INT_MIN,
+    MAX_TIMEOUT,
+    Delay,
+    aware,
+    duration,
+    name_or_none,
+    rate,
+    seconds,
+    to_json,
+)
 
 StepFunction = Callable[[Any, Any], Any]
 
@@ -36,7 +41,11 @@ class To:
 
     - ``To.next(value)``: run the next step now, with ``value`` as its input.
     - ``To.delay(timedelta(hours=1), value)``: run the next step later.
-    - ``To.done()``: the job run is finished (returning ``None`` means the same).
+    - ``To.done(result)``: the job run is finished, with ``result`` as the task's output
+      (``task.result()``). Returning ``None`` means ``To.done()``.
+
+    A plain value returned instead means ``To.next(value)`` from any step but the last,
+    and ``To.done(value)`` from the last.
     """
 
     kind: str
@@ -55,9 +64,9 @@ class To:
         return cls("next", value, seconds(delay))
 
     @classmethod
-    def done(cls) -> To:
-        """Finish the job run: there is no next step."""
-        return cls("done")
+    def done(cls, result: Any = None) -> To:
+        """Finish the job run, with ``result`` (any JSON value) as the task's output."""
+        return cls("done", result)
 
 
 DEFAULT_TIMEOUT = timedelta(minutes=15)
@@ -106,9 +115,17 @@ class Job:
         (default: 15 minutes); a try over it is stopped and retried per the policy.
     :param dead_letter_queue: where its tasks go when they fail for good, to be looked at
         and re-driven (:func:`underway.admin.redrive`); by default they just fail.
-    :param keep_for: how long a finished task (and its attempts) is kept before retention
-        deletes it (default: 14 days). Tasks in a dead-letter queue are kept until
-        re-driven.
+    :param keep_for: how long a finished task (and its attempts, and its result) is kept
+        before retention deletes it (default: 14 days, at most 100 years). Tasks in a
+        dead-letter queue are kept until re-driven.
+    :param rate_limit: at most this many of its queue's tasks start per second, minute or
+        hour, across all supervisors and hosts: ``"100/m"``, ``"5/s"``, ``"1000/h"``. The
+        limit belongs to the queue; a supervisor running the job stores it at start.
+    :param max_concurrency: at most this many of its tasks (or of its
+        ``concurrency_group``'s) run at once, across all hosts.
+    :param concurrency_group: a name tasks of several jobs share, to be counted together
+        against ``max_concurrency`` (default: the job's name, when ``max_concurrency`` is
+        given).
     """
 
     def __init__(
@@ -121,6 +138,9 @@ class Job:
         timeout: Delay = DEFAULT_TIMEOUT,
         dead_letter_queue: str | None = None,
         keep_for: Delay = DEFAULT_KEEP_FOR,
+        rate_limit: str | None = None,
+        max_concurrency: int | None = None,
+        concurrency_group: str | None = None,
     ):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"a job name must be a non-empty string, not {name!r}")
@@ -133,12 +153,26 @@ class Job:
         self.name = name
         self.retry = retry or RetryPolicy()
         self.priority = priority
-        self.queue = _name_or_none(queue, f"job {name!r}: queue") or name
-        self.timeout = _duration(timeout, f"job {name!r}: timeout", positive=True)
-        self.dead_letter_queue = _name_or_none(
-            dead_letter_queue, f"job {name!r}: dead_letter_queue"
+        self.queue = name_or_none(queue, f"job {name!r}: queue") or name
+        self.timeout = duration(timeout, f"job {name!r}: timeout", positive=True, most=MAX_TIMEOUT)
+        self.dead_letter_queue = name_or_none(dead_letter_queue, f"job {name!r}: dead_letter_queue")
+        self.keep_for = duration(keep_for, f"job {name!r}: keep_for")
+        #: (count, seconds) of the queue's rate limit, if the job sets one.
+        self.rate_limit = (
+            None if rate_limit is None else rate(rate_limit, f"job {name!r}: rate_limit")
         )
-        self.keep_for = _duration(keep_for, f"job {name!r}: keep_for")
+        if max_concurrency is not None and (
+            isinstance(max_concurrency, bool)
+            or not isinstance(max_concurrency, int)
+            or not 1 <= max_concurrency <= INT_MAX
+        ):
+            raise ValueError(
+                f"job {name!r}: max_concurrency must be an integer from 1, not {max_concurrency!r}"
+            )
+        self.max_concurrency = max_concurrency
+        self.concurrency_group = name_or_none(
+            concurrency_group, f"job {name!r}: concurrency_group"
+        ) or (name if max_concurrency is not None else None)
         self.steps: list[Step] = []
         _registry[name] = self
 
@@ -173,7 +207,7 @@ class Job:
         limit = (
             self.timeout
             if timeout is None
-            else _duration(timeout, f"job {self.name!r}: timeout", positive=True)
+            else duration(timeout, f"job {self.name!r}: timeout", positive=True, most=MAX_TIMEOUT)
         )
 
         def add(fn: StepFunction) -> StepFunction:
@@ -191,6 +225,7 @@ class Job:
         *,
         conn: Any = None,
         delay: Delay = None,
+        run_at: datetime | None = None,
         priority: int | None = None,
         key: str | None = None,
         key_mode: str = "replace",
@@ -205,7 +240,10 @@ class Job:
 
         :param input: any JSON-serialisable value; a ``TypeError`` or ``ValueError`` naming
             the job is raised, and nothing written, if it is not.
-        :param delay: run no earlier than this long from now (timedelta or seconds).
+        :param delay: run no earlier than this long from now (timedelta or seconds, at most
+            100 years).
+        :param run_at: run no earlier than this aware datetime (instead of ``delay``); a
+            naive datetime is refused, as its time zone would be a guess.
         :param priority: overrides the job's priority; higher runs first.
         :param key: a job key: at most one pending or running task of this job holds it.
             If one is pending and not yet started, ``key_mode`` says what happens:
@@ -217,7 +255,7 @@ class Job:
         :param serial_queue: tasks sharing a serial queue, of any job, run one at a time
             in order (priority, then run time, then enqueue order).
         """
-        params = self._task_params(delay, priority, serial_queue)
+        params = self._task_params(delay, run_at, priority, serial_queue)
         params["input"] = self._to_json(input)
         insert = store.insert_task
         if key is not None:
@@ -240,12 +278,13 @@ class Job:
         *,
         conn: Any = None,
         delay: Delay = None,
+        run_at: datetime | None = None,
         priority: int | None = None,
         serial_queue: str | None = None,
     ) -> list[Task]:
         """Enqueue one run per input in a single statement: all of them or, on any error,
         none. Returns the tasks in the order of ``inputs``. Options are as for
-        :meth:`enqueue`."""
+        :meth:`enqueue`; an input that cannot be stored is named by its index."""
         if isinstance(inputs, (str, bytes, dict)):
             raise TypeError(
                 f"job {self.name!r}: enqueue_many takes a list of inputs, "
@@ -254,8 +293,9 @@ class Job:
         inputs = list(inputs)
         if not inputs:
             return []
-        params = self._task_params(delay, priority, serial_queue)
-        params["inputs"] = self._to_json(inputs, what="an input in the batch")
+        params = self._task_params(delay, run_at, priority, serial_queue)
+        texts = [self._to_json(x, what=f"input {i} of the batch") for i, x in enumerate(inputs)]
+        params["inputs"] = "[" + ",".join(texts) + "]"
         with caller_cursor(conn) as cur:
             ids = store.insert_tasks(cur, params)
         return [Task(task_id, self.name) for task_id in ids]
@@ -307,6 +347,10 @@ class Job:
         with caller_cursor(conn) as cur:
             return store.remove_schedule(cur, self.name, name)
 
+    def task(self, task_id: int) -> Task:
+        """A handle on a task of this job enqueued elsewhere (another process, SQL), by id."""
+        return Task(int(task_id), self.name)
+
     def _check_steps(self) -> None:
         if not self.steps:
             raise ConfigurationError(
@@ -314,9 +358,17 @@ class Job:
             )
 
     def _task_params(
-        self, delay: Delay, priority: int | None, serial_queue: str | None = None
+        self,
+        delay: Delay,
+        run_at: datetime | None,
+        priority: int | None,
+        serial_queue: str | None = None,
     ) -> dict[str, Any]:
         self._check_steps()
+        if run_at is not None:
+            if delay is not None:
+                raise ValueError(f"job {self.name!r}: give delay or run_at, not both")
+            run_at = aware(run_at, f"job {self.name!r}: run_at")
         chosen = self.priority if priority is None else priority
         if isinstance(chosen, bool) or not isinstance(chosen, int):
             raise TypeError(f"job {self.name!r}: priority must be an integer, not {chosen!r}")
@@ -325,11 +377,14 @@ class Job:
                 f"job {self.name!r}: priority must fit a 32-bit integer, not {chosen!r}"
             )
         params = self.defaults()
+        del params["steps"]
         params.update(
             job=params.pop("name"),
             priority=chosen,
             delay=seconds(delay),
-            serial_queue=_name_or_none(serial_queue, f"job {self.name!r}: serial_queue"),
+            run_at=run_at,
+            serial_queue=name_or_none(serial_queue, f"job {self.name!r}: serial_queue"),
+            trace_context=tracing.current_context(),
         )
         return params
 
@@ -340,85 +395,15 @@ class Job:
             "name": self.name,
             "queue": self.queue,
             "priority": self.priority,
-            "max_attempts": self.steps[0].retry.max_attempts if self.steps else 5,
+            "max_attempts": (self.steps[0].retry if self.steps else self.retry).max_attempts,
             "dead_letter_queue": self.dead_letter_queue,
             "keep_for": self.keep_for,
+            "concurrency_group": self.concurrency_group,
+            "steps": [step.name for step in self.steps],
         }
 
     def _to_json(self, value: Any, what: str = "input") -> str:
         return to_json(value, f"job {self.name!r}: {what}")
-
-
-def to_json(value: Any, context: str) -> str:
-    """Serialise ``value`` for a task, or raise TypeError/ValueError that says what is wrong
-    and where (``context``)."""
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except TypeError as exc:
-        raise TypeError(f"{context} is not JSON-serialisable: {exc}") from None
-    except ValueError as exc:
-        raise ValueError(f"{context} is not valid JSON: {exc}") from None
-    # jsonb cannot hold NUL or a lone surrogate; both show up escaped in the text, so
-    # only inputs that contain such an escape are looked at more closely.
-    if "\\u0000" in text or "\\ud" in text:
-        bad = _unstorable_string(value)
-        if bad is not None:
-            raise ValueError(f"{context} holds a string PostgreSQL cannot store: {bad!r}")
-    return text
-
-
-def _unstorable_string(value: Any) -> str | None:
-    """The first string in ``value`` (keys included) with a NUL or a lone surrogate."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return value
-        return value if "\x00" in value else None
-    items: Iterable[Any] = ()
-    if isinstance(value, dict):
-        items = (item for pair in value.items() for item in pair)
-    elif isinstance(value, (list, tuple)):
-        items = value
-    for item in items:
-        bad = _unstorable_string(item)
-        if bad is not None:
-            return bad
-    return None
-
-
-def _name_or_none(value: Any, what: str) -> str | None:
-    """A queue name as given, or None; anything but a non-empty string is refused."""
-    if value is not None and (not isinstance(value, str) or not value.strip()):
-        raise TypeError(f"{what} must be a non-empty string, not {value!r}")
-    return value
-
-
-def _duration(value: Delay, what: str, *, positive: bool = False) -> float:
-    """A duration option in seconds; an error names the option (``what``) when it is not a
-    finite duration, or, with ``positive``, is not more than zero."""
-    try:
-        result = seconds(value)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{what}: {exc}") from None
-    if positive and result <= 0:
-        raise ValueError(f"{what} must be more than zero, not {value!r}")
-    return result
-
-
-def seconds(delay: Delay) -> float:
-    """A delay as seconds; a negative delay is refused rather than silently run at once."""
-    if delay is None:
-        return 0.0
-    if isinstance(delay, timedelta):
-        value = delay.total_seconds()
-    elif isinstance(delay, (int, float)) and not isinstance(delay, bool):
-        value = float(delay)
-    else:
-        raise TypeError(f"a delay is a timedelta or a number of seconds, not {delay!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"a delay must be finite and not negative: {delay!r}")
-    return value
 
 
 _registry: dict[str, Job] = {}

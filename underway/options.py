@@ -74,6 +74,21 @@ class SupervisorOptions:
         "commit steps with synchronous_commit=off: faster; a database crash may make the "
         "last steps run again (see the README)",
     )
+    db_timeout: float = _option(
+        10.0,
+        "longest the supervisor and scheduler wait on the database for one statement or "
+        "connection, in seconds; a frozen server then counts as gone (default: 10)",
+        at_least=1,
+        at_most=300,
+        seconds=True,
+    )
+    metrics_port: int | None = _option(
+        None,
+        "serve Prometheus metrics on this port (needs the [metrics] extra; default: off)",
+        at_least=1,
+        at_most=65535,
+        metavar="PORT",
+    )
     max_tasks: int | None = _option(
         None,
         "replace each worker process after it ran N tasks (default: never)",
@@ -101,7 +116,9 @@ def _problem(rule: Mapping[str, Any], value: Any) -> str | None:
         return None
     low, high, above = rule["at_least"], rule["at_most"], rule["above"]
     if not rule["seconds"]:
-        return None if low is None or value >= low else f"must be at least {low:g}"
+        if low is not None and value < low:
+            return f"must be at least {low:g}"
+        return None if high is None or value <= high else f"must be at most {high:g}"
     if low is not None and high is not None:
         if not low <= value <= high:
             return f"must be between {low:g} and {high:g} seconds, not {value}"

@@ -4,10 +4,11 @@
 -- name: enqueue
 -- Insert one task and return its id; the insert trigger wakes idle workers.
 INSERT INTO underway.task (job, input, priority, run_at, max_attempts, queue, serial_queue,
-                           dead_letter_queue, keep_for)
+                           dead_letter_queue, keep_for, concurrency_group, trace_context)
 VALUES (%(job)s, %(input)s::jsonb, %(priority)s,
-        now() + make_interval(secs => %(delay)s), %(max_attempts)s, %(queue)s,
-        %(serial_queue)s, %(dead_letter_queue)s, make_interval(secs => %(keep_for)s))
+        coalesce(%(run_at)s::timestamptz, now() + make_interval(secs => %(delay)s)),
+        %(max_attempts)s, %(queue)s, %(serial_queue)s, %(dead_letter_queue)s,
+        make_interval(secs => %(keep_for)s), %(concurrency_group)s, %(trace_context)s)
 RETURNING id;
 
 -- name: enqueue_keyed
@@ -15,23 +16,35 @@ RETURNING id;
 SELECT underway.enqueue(
     %(job)s, %(input)s::jsonb, %(delay)s, %(priority)s, %(max_attempts)s, %(key)s,
     %(key_mode)s, %(serial_queue)s, %(queue)s, %(dead_letter_queue)s,
-    make_interval(secs => %(keep_for)s)
+    make_interval(secs => %(keep_for)s), %(run_at)s::timestamptz, %(concurrency_group)s,
+    %(trace_context)s
+);
+
+-- name: enqueue_named
+-- Enqueue one task of a job known only by name (the command line): what is not given
+-- takes the defaults a supervisor registered for the job.
+SELECT underway.enqueue(
+    %(job)s, %(input)s::jsonb, delay => %(delay)s, priority => %(priority)s, key => %(key)s,
+    run_at => %(run_at)s::timestamptz
 );
 
 -- name: enqueue_many
 -- Insert many tasks of one job in one statement, in the order given.
 INSERT INTO underway.task (job, input, priority, run_at, max_attempts, queue, serial_queue,
-                           dead_letter_queue, keep_for)
+                           dead_letter_queue, keep_for, concurrency_group, trace_context)
 SELECT %(job)s, item.value, %(priority)s,
-       now() + make_interval(secs => %(delay)s), %(max_attempts)s, %(queue)s,
-       %(serial_queue)s, %(dead_letter_queue)s, make_interval(secs => %(keep_for)s)
+       coalesce(%(run_at)s::timestamptz, now() + make_interval(secs => %(delay)s)),
+       %(max_attempts)s, %(queue)s, %(serial_queue)s, %(dead_letter_queue)s,
+       make_interval(secs => %(keep_for)s), %(concurrency_group)s, %(trace_context)s
 FROM jsonb_array_elements(%(inputs)s::jsonb) WITH ORDINALITY AS item (value, n)
 ORDER BY item.n
 RETURNING id;
 
 -- name: claim_task
 -- Claim the next ready task of the given jobs (see underway.claim_task in the schema).
-SELECT id, job, step, input, attempts AS attempt, max_attempts, scheduled_at, serial_queue
+SELECT id, job, coalesce(queue, job) AS queue, step, input::text AS input,
+       attempts AS attempt, max_attempts, scheduled_at, serial_queue, trace_context,
+       extract(epoch FROM started_at - run_at)::float8 AS waited
 FROM underway.claim_task(%(jobs)s, %(token)s, %(lease)s);
 
 -- name: seconds_until_due
@@ -52,11 +65,14 @@ LIMIT 1;
 -- task being completed. Returns one row: whether the completion happened, NULL (the
 -- task's new state, see advance_task), and the claimed task's columns (NULLs for none).
 WITH claimed AS (
-    SELECT id, job, step, input, attempts AS attempt, max_attempts, scheduled_at, serial_queue
+    SELECT id, job, coalesce(queue, job) AS queue, step, input::text AS input,
+           attempts AS attempt, max_attempts, scheduled_at, serial_queue, trace_context,
+           extract(epoch FROM started_at - run_at)::float8 AS waited
     FROM underway.claim_task(%(jobs)s, %(next_token)s, %(lease)s, false)
 ), done AS (
     UPDATE underway.task AS t
-    SET state = 'succeeded', claim_token = NULL, lease_expires_at = NULL, error = NULL
+    SET state = 'succeeded', claim_token = NULL, lease_expires_at = NULL, error = NULL,
+        output = %(output)s::jsonb
     WHERE t.id = %(id)s AND t.claim_token = %(token)s AND t.state = 'running'
       AND NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.id = t.id)
     RETURNING t.id, t.step, t.attempts, t.started_at
@@ -78,7 +94,9 @@ SELECT cancel_requested_at IS NOT NULL FROM underway.task WHERE id = %(id)s;
 -- as complete_task does. Returns one row: whether the task advanced, its new state
 -- ('cancelled' when its cancellation was asked for meanwhile), and the claimed task.
 WITH claimed AS (
-    SELECT id, job, step, input, attempts AS attempt, max_attempts, scheduled_at, serial_queue
+    SELECT id, job, coalesce(queue, job) AS queue, step, input::text AS input,
+           attempts AS attempt, max_attempts, scheduled_at, serial_queue, trace_context,
+           extract(epoch FROM started_at - run_at)::float8 AS waited
     FROM underway.claim_task(%(jobs)s, %(next_token)s, %(lease)s, false)
 ), finished AS (
     SELECT t.id, t.step, t.attempts, t.started_at FROM underway.task AS t
@@ -194,6 +212,12 @@ SELECT id, pg_notify(%(channel)s, '') FROM released;
 -- The newest migration applied; fails with undefined_table when there is no schema.
 SELECT max(version) FROM underway.migration;
 
+-- name: session
+-- This session's backend pid and start time: what identifies it on the server, so that
+-- a supervisor ends exactly this session once its worker died, and no other on any host.
+SELECT pg_backend_pid(), extract(epoch FROM backend_start)::float8
+FROM pg_stat_activity WHERE pid = pg_backend_pid();
+
 -- name: clock
 -- The database's clock: the one time every host agrees on.
 SELECT now();
@@ -242,40 +266,55 @@ INSERT INTO underway.schedule_tick (job, name, fire_at)
 VALUES (%(job)s, %(name)s, %(fire_at)s)
 ON CONFLICT DO NOTHING;
 
--- name: end_sessions_of
--- End the server sessions of a dead child process. PostgreSQL notices a vanished client
--- only when it next talks to it, so a session busy with a long statement would live on,
+-- name: end_session
+-- End the server session a dead worker left, known by its backend pid and start time
+-- (a pid alone may have been reused since). PostgreSQL notices a vanished client only
+-- when it next talks to it, so a session busy with a long statement would live on,
 -- holding its locks and a connection slot.
 SELECT pg_terminate_backend(pid)
 FROM pg_stat_activity
-WHERE application_name = %(application_name)s AND pid <> pg_backend_pid();
+WHERE pid = %(pid)s AND abs(extract(epoch FROM backend_start) - %(started)s) < 0.001
+  AND pid <> pg_backend_pid();
 
 -- name: register_jobs
--- Store the jobs a supervisor runs, with their tasks' defaults, for enqueue from SQL.
-INSERT INTO underway.job AS j (name, queue, priority, max_attempts, dead_letter_queue, keep_for)
+-- Store the jobs a supervisor runs, with their tasks' defaults (for enqueue from SQL)
+-- and their steps' names (for operators' tools).
+INSERT INTO underway.job AS j (
+    name, queue, priority, max_attempts, dead_letter_queue, keep_for, steps, concurrency_group
+)
 SELECT x.name, x.queue, x.priority, x.max_attempts, x.dead_letter_queue,
-       make_interval(secs => x.keep_for)
+       make_interval(secs => x.keep_for), x.steps, x.concurrency_group
 FROM jsonb_to_recordset(%(jobs)s::jsonb) AS x (
     name text, queue text, priority integer, max_attempts integer, dead_letter_queue text,
-    keep_for double precision
+    keep_for double precision, steps text[], concurrency_group text
 )
 ON CONFLICT (name) DO UPDATE
 SET queue = excluded.queue, priority = excluded.priority, max_attempts = excluded.max_attempts,
     dead_letter_queue = excluded.dead_letter_queue, keep_for = excluded.keep_for,
-    updated_at = now()
-WHERE (j.queue, j.priority, j.max_attempts, j.dead_letter_queue, j.keep_for)
+    steps = excluded.steps, concurrency_group = excluded.concurrency_group, updated_at = now()
+WHERE (j.queue, j.priority, j.max_attempts, j.dead_letter_queue, j.keep_for, j.steps,
+       j.concurrency_group)
       IS DISTINCT FROM
       (excluded.queue, excluded.priority, excluded.max_attempts, excluded.dead_letter_queue,
-       excluded.keep_for);
+       excluded.keep_for, excluded.steps, excluded.concurrency_group);
 
 -- name: cancel_task
 -- Cancel a task: a pending one at once (it never runs); a running one at its next step
--- boundary. Returns its state afterwards, or nothing when it had finished already.
-UPDATE underway.task
-SET cancel_requested_at = coalesce(cancel_requested_at, now()),
-    state = CASE WHEN state = 'pending' THEN 'cancelled' ELSE state END
-WHERE id = %(id)s AND state IN ('pending', 'running')
-RETURNING state::text;
+-- boundary, or at once with abort (its supervisor, woken on the abort channel, ends the
+-- step). Returns its state afterwards, or nothing when it had finished already.
+WITH asked AS (
+    UPDATE underway.task
+    SET cancel_requested_at = coalesce(cancel_requested_at, now()),
+        abort_requested_at = CASE WHEN %(abort)s AND state = 'running'
+                                  THEN coalesce(abort_requested_at, now())
+                                  ELSE abort_requested_at END,
+        state = CASE WHEN state = 'pending' THEN 'cancelled' ELSE state END
+    WHERE id = %(id)s AND state IN ('pending', 'running')
+    RETURNING id, state, abort_requested_at
+)
+SELECT state::text AS state,
+       CASE WHEN abort_requested_at IS NOT NULL THEN pg_notify(%(abort_channel)s, id::text) END
+FROM asked;
 
 -- name: task_status
 -- Where a task stands.
@@ -316,7 +355,7 @@ ORDER BY 1;
 
 -- name: dead_letters
 -- The tasks in a dead-letter queue, oldest first.
-SELECT id, job, step, input, attempts, error, finished_at
+SELECT id, job, step, input::text AS input, attempts, error, finished_at
 FROM underway.task
 WHERE dead_letter_queue = %(queue)s AND state = 'failed'
 ORDER BY id;
@@ -359,3 +398,228 @@ SELECT error, traceback FROM underway.attempt
 WHERE task_id = %(id)s AND outcome <> 'succeeded'
 ORDER BY id DESC
 LIMIT 1;
+
+-- name: task_job
+-- The job of a task, to make a handle for a task enqueued elsewhere.
+SELECT job FROM underway.task WHERE id = %(id)s;
+
+-- name: await_task
+-- Mark a task as awaited, so that its end notifies the result channel; returns where it
+-- stands now, with its output, error and the traceback of its last failed try.
+WITH awaited AS (
+    UPDATE underway.task SET awaited = true
+    WHERE id = %(id)s AND NOT awaited AND state IN ('pending', 'running')
+)
+SELECT t.state::text AS state, t.output::text AS output, t.error,
+       (SELECT a.traceback FROM underway.attempt AS a
+        WHERE a.task_id = t.id AND a.outcome <> 'succeeded'
+        ORDER BY a.id DESC LIMIT 1) AS traceback
+FROM underway.task AS t WHERE t.id = %(id)s;
+
+-- name: retry_tasks
+-- Put failed tasks back to work at the step that failed, with its tries renewed; the same
+-- row goes back, never a copy, and its attempts stay in its history. All of them or, when
+-- one is missing or not failed, none. Returns every task asked for that exists, with the
+-- state it was in, and whether it went back.
+WITH asked AS (
+    SELECT id, state FROM underway.task WHERE id = ANY (%(ids)s::bigint[])
+    ORDER BY id
+    FOR UPDATE
+), verdict AS (
+    SELECT count(*) = cardinality(ARRAY(SELECT DISTINCT unnest(%(ids)s::bigint[])))
+           AND bool_and(state = 'failed') AS all_failed
+    FROM asked
+), retried AS (
+    UPDATE underway.task AS t
+    SET state = 'pending', attempts = 0, run_at = now(), error = NULL,
+        cancel_requested_at = NULL, abort_requested_at = NULL
+    FROM asked, verdict
+    WHERE t.id = asked.id AND verdict.all_failed
+    RETURNING t.id
+)
+SELECT asked.id, asked.state::text AS state, retried.id IS NOT NULL AS retried,
+       pg_notify(%(channel)s, '')
+FROM asked LEFT JOIN retried USING (id)
+ORDER BY asked.id;
+
+-- name: failed_task_ids
+-- The failed tasks of a job, those that failed since a time if one is given: what
+-- `retry --job` puts back. Walks task_failed_idx, never the whole table.
+SELECT id FROM underway.task
+WHERE state = 'failed' AND job = %(job)s
+  AND (%(since)s::timestamptz IS NULL OR finished_at >= %(since)s::timestamptz)
+ORDER BY id
+LIMIT %(limit)s;
+
+-- name: abort_requested
+-- Which of the tasks claimed with these tokens an operator asked to abort.
+SELECT id FROM underway.task
+WHERE claim_token = ANY (%(tokens)s) AND state = 'running' AND abort_requested_at IS NOT NULL;
+
+-- name: set_rate_limit
+-- Limit a queue to `count` claims per `per` seconds, across all hosts; a full bucket to
+-- start with.
+INSERT INTO underway.rate_limit AS r (queue, count, per, tokens)
+VALUES (%(queue)s, %(count)s, make_interval(secs => %(per)s), %(count)s)
+ON CONFLICT (queue) DO UPDATE
+SET count = excluded.count, per = excluded.per, tokens = least(r.tokens, excluded.count);
+
+-- name: clear_rate_limit
+-- Lift a queue's rate limit; returns whether it had one.
+DELETE FROM underway.rate_limit WHERE queue = %(queue)s;
+
+-- name: set_concurrency_limits
+-- Store concurrency groups' limits (from jobs' definitions, at a supervisor's start).
+INSERT INTO underway.concurrency_limit AS g (name, max_concurrency)
+SELECT x.name, x.max_concurrency
+FROM jsonb_to_recordset(%(groups)s::jsonb) AS x (name text, max_concurrency integer)
+ON CONFLICT (name) DO UPDATE
+SET max_concurrency = excluded.max_concurrency, updated_at = now()
+WHERE g.max_concurrency IS DISTINCT FROM excluded.max_concurrency;
+
+-- name: limits
+-- Every rate limit and concurrency limit, with the tokens left and the tasks running.
+SELECT 'rate' AS kind, r.queue AS name, r.count AS limit_count,
+       extract(epoch FROM r.per)::float8 AS per_seconds,
+       floor(underway.rate_tokens(r))::integer AS available
+FROM underway.rate_limit AS r
+UNION ALL
+SELECT 'concurrency', g.name, g.max_concurrency, NULL,
+       g.max_concurrency - (SELECT count(*) FROM underway.task AS t
+                            WHERE t.concurrency_group = g.name AND t.state = 'running')::integer
+FROM underway.concurrency_limit AS g
+ORDER BY 1, 2;
+
+-- name: heartbeat
+-- A supervisor says it is alive and what its workers run now.
+INSERT INTO underway.supervisor AS s (id, host, pid, jobs, workers)
+VALUES (%(id)s, %(host)s, %(pid)s, %(jobs)s, %(workers)s::jsonb)
+ON CONFLICT (id) DO UPDATE SET workers = excluded.workers, heartbeat_at = now();
+
+-- name: sign_off
+-- A supervisor that stops removes its row.
+DELETE FROM underway.supervisor WHERE id = %(id)s;
+
+-- name: supervisors
+-- Live supervisors (a heartbeat within `within` seconds), with what each worker runs:
+-- the task, its job and step, since when.
+SELECT s.id::text AS id, s.host, s.pid, s.jobs, s.started_at, s.heartbeat_at,
+       coalesce((
+           SELECT jsonb_agg(w.value || jsonb_build_object(
+                      'job', t.job, 'step', t.step, 'step_name', j.steps[t.step + 1],
+                      'started_at', t.started_at) ORDER BY (w.value ->> 'slot')::integer)
+           FROM jsonb_array_elements(s.workers) AS w
+           LEFT JOIN underway.task AS t
+                  ON t.id = (w.value ->> 'task_id')::bigint AND t.state = 'running'
+           LEFT JOIN underway.job AS j ON j.name = t.job
+       ), '[]')::text AS workers
+FROM underway.supervisor AS s
+WHERE s.heartbeat_at > now() - make_interval(secs => %(within)s)
+ORDER BY s.host, s.pid;
+
+-- name: prune_supervisors
+-- Forget supervisors whose heartbeat stopped a day ago (their host died).
+DELETE FROM underway.supervisor WHERE heartbeat_at < now() - interval '1 day';
+
+-- name: count_finished
+-- Add a worker's tally of finished tries to the per-minute statistics.
+INSERT INTO underway.minute_stat AS m (minute, queue, job, succeeded, failed, retried)
+SELECT x.minute, x.queue, x.job, x.succeeded, x.failed, x.retried
+FROM jsonb_to_recordset(%(tally)s::jsonb) AS x (
+    minute timestamptz, queue text, job text, succeeded integer, failed integer, retried integer
+)
+ON CONFLICT (minute, queue, job) DO UPDATE
+SET succeeded = m.succeeded + excluded.succeeded, failed = m.failed + excluded.failed,
+    retried = m.retried + excluded.retried;
+
+-- name: throughput
+-- Tasks finished per minute over the last `minutes` minutes, of one queue or all.
+SELECT g.minute, coalesce(sum(m.succeeded), 0)::integer AS succeeded,
+       coalesce(sum(m.failed), 0)::integer AS failed,
+       coalesce(sum(m.retried), 0)::integer AS retried
+FROM generate_series(date_trunc('minute', now()) - make_interval(mins => %(minutes)s - 1),
+                     date_trunc('minute', now()), interval '1 minute') AS g (minute)
+LEFT JOIN underway.minute_stat AS m
+       ON m.minute = g.minute AND (%(queue)s::text IS NULL OR m.queue = %(queue)s)
+GROUP BY g.minute
+ORDER BY g.minute;
+
+-- name: prune_statistics
+-- Forget per-minute statistics older than a day.
+DELETE FROM underway.minute_stat WHERE minute < now() - interval '1 day';
+
+-- name: prune_ticks
+-- Forget fired ticks older than a day, except each schedule's latest: a scheduler only
+-- fires ticks after its schedule's latest one (or its last change), so a forgotten tick
+-- can never fire again, and exactly-once holds.
+DELETE FROM underway.schedule_tick AS t
+WHERE t.ctid IN (
+    SELECT o.ctid FROM underway.schedule_tick AS o
+    WHERE o.handled_at < now() - interval '1 day'
+      AND o.fire_at < (SELECT max(l.fire_at) FROM underway.schedule_tick AS l
+                       WHERE l.job = o.job AND l.name = o.name)
+    LIMIT %(batch)s
+);
+
+-- name: schedules
+-- Every stored schedule, with its input and the last tick it fired.
+SELECT s.job, s.name, s.expression, s.input::text AS input, s.catch_up, s.updated_at,
+       (SELECT max(t.fire_at) FROM underway.schedule_tick AS t
+        WHERE t.job = s.job AND t.name = s.name AND t.task_id IS NOT NULL) AS last_fire
+FROM underway.schedule AS s
+ORDER BY s.job, s.name;
+
+-- name: unhandled_jobs
+-- Jobs with tasks that have waited over a minute and that no live supervisor runs: left
+-- by a renamed job, enqueued from SQL by mistake, or shipped before its workers. Looks
+-- at up to 10,000 such tasks, so the check stays cheap.
+SELECT job, count(*) AS tasks FROM (
+    SELECT t.job FROM underway.task AS t
+    WHERE t.state = 'pending' AND t.run_at < now() - interval '1 minute'
+      AND NOT EXISTS (
+          SELECT 1 FROM underway.supervisor AS s
+          WHERE t.job = ANY (s.jobs)
+            AND s.heartbeat_at > now() - make_interval(secs => %(within)s)
+      )
+    LIMIT 10000
+) AS waiting
+GROUP BY job
+ORDER BY job;
+
+-- name: list_tasks
+-- Tasks newest first, filtered, one line each: the list command and the dashboard. Only
+-- indexed paths: by id downwards, or the failed index for failed and cancelled tasks.
+SELECT t.id, t.job, t.step, j.steps[t.step + 1] AS step_name, t.state::text AS state,
+       t.attempts, t.max_attempts, coalesce(t.queue, t.job) AS queue, t.error,
+       t.created_at, t.run_at, t.started_at, t.finished_at
+FROM underway.task AS t
+LEFT JOIN underway.job AS j ON j.name = t.job
+WHERE (%(state)s::text IS NULL OR t.state = %(state)s::underway.task_state)
+  AND (%(job)s::text IS NULL OR t.job = %(job)s)
+  AND (%(queue)s::text IS NULL OR coalesce(t.queue, t.job) = %(queue)s)
+  AND (%(since)s::timestamptz IS NULL OR t.created_at >= %(since)s::timestamptz)
+  AND (%(before)s::bigint IS NULL OR t.id < %(before)s::bigint)
+ORDER BY t.id DESC
+LIMIT %(limit)s;
+
+-- name: task_detail
+-- One task, whole: its input and output, where it stands, and its timing.
+SELECT t.id, t.job, t.step, j.steps[t.step + 1] AS step_name,
+       coalesce(cardinality(j.steps), 0) AS step_count, t.state::text AS state, t.attempts,
+       t.max_attempts, coalesce(t.queue, t.job) AS queue, t.serial_queue, t.concurrency_group,
+       t.key, t.priority, t.dead_letter_queue, t.input::text AS input,
+       t.output::text AS output, t.error, t.cancel_requested_at, t.abort_requested_at,
+       t.scheduled_at, t.created_at, t.run_at, t.started_at, t.finished_at, t.expires_at
+FROM underway.task AS t
+LEFT JOIN underway.job AS j ON j.name = t.job
+WHERE t.id = %(id)s;
+
+-- name: task_attempts
+-- Every try of a task, in order, with how it ended, its error and traceback.
+SELECT a.step, j.steps[a.step + 1] AS step_name, a.attempt, a.outcome, a.error, a.traceback,
+       a.started_at, a.finished_at
+FROM underway.attempt AS a
+JOIN underway.task AS t ON t.id = a.task_id
+LEFT JOIN underway.job AS j ON j.name = t.job
+WHERE a.task_id = %(id)s
+ORDER BY a.id;

@@ -22,6 +22,35 @@ class TaskState(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    def __str__(self) -> str:
+        return self.value
+
+
+class CancelResult(str, Enum):
+    """What :meth:`Task.cancel <underway.Task.cancel>` did.
+
+    - ``CANCELLED``: the task was waiting, and now never runs;
+    - ``REQUESTED``: the task is running; it stops at its next step boundary (or when it
+      checks ``cx.cancelled``), or at once when aborted. If the step it is in was its last,
+      it ends *succeeded*: there was nothing left to stop;
+    - ``FINISHED``: too late, the task had already finished.
+    """
+
+    CANCELLED = "cancelled"
+    REQUESTED = "requested"
+    FINISHED = "finished"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Undecodable(str):
+    """Stands in, in operators' views, for a stored JSON value Python cannot decode (a
+    number of thousands of digits, nesting thousands deep): the start of its text."""
+
+    def __repr__(self) -> str:
+        return f"<undecodable JSON: {str.__repr__(self)}>"
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -29,12 +58,18 @@ class Claim:
 
     id: int
     job: str
+    queue: str
     step: int
-    input: Any
+    #: The step's input as stored: JSON text, decoded by the worker.
+    input: str
     attempt: int
     max_attempts: int
     scheduled_at: datetime | None
     serial_queue: str | None
+    #: The enqueuer's W3C trace context, if it was traced.
+    trace_context: str | None
+    #: Seconds from when the task was due until this claim: its pickup latency.
+    waited: float
     token: int
 
 
@@ -122,3 +157,148 @@ class StoredSchedule:
     expression: str
     catch_up: bool
     anchor: datetime
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One task in a list: where it stands, in a line."""
+
+    id: int
+    job: str
+    step: int
+    #: The current step's name, when a supervisor registered the job; else None.
+    step_name: str | None
+    state: TaskState
+    attempts: int
+    max_attempts: int
+    queue: str
+    #: The last failed try's error, if any.
+    error: str | None
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One try of one step of a task, and how it ended."""
+
+    step: int
+    step_name: str | None
+    attempt: int
+    #: succeeded, failed, timed_out, crashed, interrupted, lost, cancelled or aborted.
+    outcome: str
+    error: str | None
+    traceback: str | None
+    started_at: datetime | None
+    finished_at: datetime
+
+
+@dataclass(frozen=True)
+class TaskDetail:
+    """A task, whole: input, output, where it stands, its timing, and every try."""
+
+    id: int
+    job: str
+    step: int
+    step_name: str | None
+    #: How many steps the job has (0 when no supervisor registered it).
+    step_count: int
+    state: TaskState
+    attempts: int
+    max_attempts: int
+    queue: str
+    serial_queue: str | None
+    concurrency_group: str | None
+    key: str | None
+    priority: int
+    dead_letter_queue: str | None
+    input: Any
+    #: What the last step returned, once the task succeeded.
+    output: Any
+    error: str | None
+    cancel_requested_at: datetime | None
+    abort_requested_at: datetime | None
+    scheduled_at: datetime | None
+    created_at: datetime
+    run_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    expires_at: datetime | None
+    history: tuple[Attempt, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """A stored schedule, with its last and next fire."""
+
+    job: str
+    name: str
+    expression: str
+    #: The IANA time zone its times are read in.
+    zone: str
+    input: Any
+    catch_up: bool
+    updated_at: datetime
+    last_fire: datetime | None
+    #: The next tick, in UTC; None when it can never fire again.
+    next_fire: datetime | None
+
+
+@dataclass(frozen=True)
+class WorkerNow:
+    """What one worker of a supervisor runs now."""
+
+    slot: int
+    pid: int
+    task_id: int | None
+    job: str | None
+    step: int | None
+    step_name: str | None
+    #: When the running try started.
+    started_at: datetime | None
+
+
+@dataclass(frozen=True)
+class SupervisorInfo:
+    """A live supervisor: where it runs, what jobs, and what its workers do now."""
+
+    id: str
+    host: str
+    pid: int
+    jobs: tuple[str, ...]
+    started_at: datetime
+    heartbeat_at: datetime
+    workers: tuple[WorkerNow, ...]
+
+
+@dataclass(frozen=True)
+class Minute:
+    """Tries finished in one minute: succeeded, failed for good, and failed to be retried."""
+
+    minute: datetime
+    succeeded: int
+    failed: int
+    retried: int
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A rate limit (per queue) or a concurrency limit (per group), and its room now."""
+
+    kind: str
+    name: str
+    limit_count: int
+    #: For a rate limit: the period of ``limit_count`` claims, in seconds.
+    per_seconds: float | None
+    #: Claims the bucket allows now, or places free in the group.
+    available: int
+
+
+@dataclass(frozen=True)
+class UnhandledJob:
+    """A job with tasks waiting that no live supervisor runs."""
+
+    job: str
+    tasks: int

@@ -18,10 +18,12 @@ import logging
 from collections.abc import Mapping
 from datetime import datetime
 
+import psycopg2
 import psycopg2.extensions
 
 from . import store
 from .cron import ZonedSchedule
+from .db import is_outage
 from .job import Job
 from .records import StoredSchedule
 from .service import Service
@@ -40,10 +42,13 @@ class Scheduler(Service):
     :param misfire_grace: seconds after its time within which a tick counts as on time.
     :param poll_interval: the longest wait between two looks at the schedules.
     :param wakeup_fd: a file descriptor that becomes readable when a signal arrives.
+    :param db_timeout: the longest wait on one statement; a database that does not answer
+        in time counts as gone (the scheduler reconnects).
     """
 
     role = "scheduler"
     channel = store.SCHEDULE_CHANNEL
+    bounded = True
     log = log
 
     def __init__(
@@ -54,12 +59,15 @@ class Scheduler(Service):
         misfire_grace: float = 60.0,
         poll_interval: float = 60.0,
         wakeup_fd: int | None = None,
+        db_timeout: float = 10.0,
     ) -> None:
-        super().__init__(dsn, wakeup_fd=wakeup_fd)
+        super().__init__(dsn, wakeup_fd=wakeup_fd, db_timeout=db_timeout)
         self.jobs = dict(jobs)
         self.misfire_grace = misfire_grace
         self.poll_interval = poll_interval
         self._parsed: dict[str, ZonedSchedule | None] = {}
+        # Schedules that failed to fire, by (job, name), with the expression they had then.
+        self._broken: dict[tuple[str, str], str] = {}
 
     def turn(self) -> None:
         """Fire what is due, then sleep until the next tick or a schedule change."""
@@ -77,18 +85,34 @@ class Scheduler(Service):
             wait = self.poll_interval
             for row in stored:
                 schedule = self._parse(row.job, row.name, row.expression)
-                if schedule is None:
+                if schedule is None or self._broken.get((row.job, row.name)) == row.expression:
                     continue
                 try:
                     self._fire_due(cur, schedule, row, now)
                     upcoming = schedule.next_after(now)
-                except ValueError as exc:
-                    # A schedule that can never fire again must not stop the others.
-                    log.error("schedule %s/%s is ignored: %s", row.job, row.name, exc)
-                    self._parsed[row.expression] = None
+                except psycopg2.Error as exc:
+                    if is_outage(exc):
+                        raise
+                    self._ignore(row, exc)
+                    continue
+                except Exception as exc:  # one schedule must not stop the others
+                    self._ignore(row, exc)
                     continue
                 wait = min(wait, (upcoming - now).total_seconds())
         return max(wait, 0.01)
+
+    def _ignore(self, row: StoredSchedule, exc: Exception) -> None:
+        """Pass over a schedule that cannot fire (it can never fire again, its job has no
+        steps, ...) until it is changed, saying why once; the others go on firing."""
+        self._broken[(row.job, row.name)] = row.expression
+        log.error(
+            "schedule %s/%s is ignored until it is changed: %s: %s",
+            row.job,
+            row.name,
+            type(exc).__name__,
+            exc,
+            extra={"event": "schedule_ignored", "job": row.job, "schedule": row.name},
+        )
 
     def _fire_due(
         self,

@@ -20,7 +20,7 @@ import psycopg2
 import psycopg2.extensions
 
 from . import store
-from .db import check_schema, close_quietly, connect, is_alive, is_outage
+from .db import check_schema, close_quietly, connect, connect_bounded, is_alive, is_outage
 
 
 def application_name(role: str, pid: int) -> str:
@@ -35,6 +35,7 @@ class Service:
     :param dsn: the database.
     :param wakeup_fd: a file descriptor that becomes readable when a signal arrives, so a
         wait ends at once.
+    :param db_timeout: for a :attr:`bounded` service, the longest wait on the database.
     """
 
     #: Names the connection (``application_name``) and the process in logs.
@@ -42,10 +43,15 @@ class Service:
     #: The LISTEN channel that wakes this service.
     channel = store.TASK_CHANNEL
     log = logging.getLogger("underway")
+    #: Whether no statement may hold the service longer than ``db_timeout`` (see
+    #: :class:`~underway.db.BoundedConnection`): for services whose statements are all
+    #: underway's own, not a step's.
+    bounded = False
 
-    def __init__(self, dsn: str, *, wakeup_fd: int | None = None) -> None:
+    def __init__(self, dsn: str, *, wakeup_fd: int | None = None, db_timeout: float = 10.0) -> None:
         self.dsn = dsn
         self.wakeup_fd = wakeup_fd
+        self.db_timeout = db_timeout
         self.stopping = False
         self.conn: psycopg2.extensions.connection | None = None
         self._parent = os.getppid()
@@ -90,7 +96,13 @@ class Service:
         if self.conn is not None and not is_alive(self.conn):
             self.disconnect()
         if self.conn is None:
-            self.conn = connect(self.dsn, application_name=application_name(self.role, os.getpid()))
+            name = application_name(self.role, os.getpid())
+            if self.bounded:
+                self.conn = connect_bounded(
+                    self.dsn, application_name=name, timeout=self.db_timeout
+                )
+            else:
+                self.conn = connect(self.dsn, application_name=name)
             check_schema(self.conn)
             with self.conn.cursor() as cur:
                 store.listen(cur, self.channel)

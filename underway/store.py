@@ -24,16 +24,25 @@ from typing import Any, TypeVar
 
 import psycopg2.errors
 
-from .errors import SchemaMissing
+from .errors import SchemaMissing, UndecodableInput
 from .records import (
+    Attempt,
     Claim,
     DeadLetter,
+    Limit,
+    Minute,
     QueueSummary,
     Recorded,
     Release,
     StoredSchedule,
+    SupervisorInfo,
+    TaskDetail,
     TaskInfo,
     TaskState,
+    TaskSummary,
+    Undecodable,
+    UnhandledJob,
+    WorkerNow,
 )
 
 Cursor = Any
@@ -47,6 +56,15 @@ or a queue was resumed. The schema's triggers and ``underway.enqueue`` notify it
 
 SCHEDULE_CHANNEL = "underway_schedule"
 """The channel that tells schedulers a schedule was stored, changed or removed."""
+
+ABORT_CHANNEL = "underway_abort"
+"""The channel that tells supervisors to end a running step now (payload: the task id)."""
+
+RESULT_CHANNEL = "underway_result"
+"""The channel on which an awaited task announces its end (payload: the task id); the
+schema's state trigger notifies it."""
+
+CHANNELS = (TASK_CHANNEL, SCHEDULE_CHANNEL, ABORT_CHANNEL, RESULT_CHANNEL)
 
 _HEADER = re.compile(r"^-- name: (\S+)\n", re.MULTILINE)
 
@@ -70,9 +88,13 @@ QUERIES = load_queries((Path(__file__).parent / "queries.sql").read_text(encodin
 
 def _run(cur: Cursor, name: str, params: Mapping[str, Any] | None = None) -> None:
     """Run the named query; a missing schema becomes :class:`SchemaMissing`, which says
-    what to do."""
+    what to do. On a connection with a deadline (:class:`underway.db.BoundedConnection`),
+    wait for the result no longer than it allows."""
     try:
         cur.execute(QUERIES[name], params)
+        settle = getattr(cur.connection, "settle", None)
+        if settle is not None:
+            settle()
     except (psycopg2.errors.UndefinedTable, psycopg2.errors.InvalidSchemaName) as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise SchemaMissing(
@@ -112,6 +134,27 @@ def _scalar(cur: Cursor) -> Any:
     return None if row is None else row[0]
 
 
+def decode(text: str | None, what: str) -> Any:
+    """A stored JSON value from its text; :class:`UndecodableInput` (naming ``what``) for
+    JSON that PostgreSQL took but Python cannot hold: a number of thousands of digits, or
+    nesting thousands deep."""
+    if text is None:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise UndecodableInput(f"{what} cannot be decoded: {type(exc).__name__}: {exc}") from None
+
+
+def _shown(text: str | None) -> Any:
+    """A stored JSON value for operators' eyes: decoded, or its start when undecodable."""
+    try:
+        return decode(text, "value")
+    except UndecodableInput:
+        assert text is not None
+        return Undecodable(text[:200])
+
+
 # -- transactions and notifications -----------------------------------------------------
 
 
@@ -134,10 +177,13 @@ def rollback(cur: Cursor) -> None:
 
 
 def listen(cur: Cursor, channel: str) -> None:
-    """Subscribe the session to ``channel`` (one of the channels above)."""
-    if channel not in (TASK_CHANNEL, SCHEDULE_CHANNEL):
+    """Subscribe the session to ``channel`` (one of :data:`CHANNELS`)."""
+    if channel not in CHANNELS:
         raise ValueError(f"unknown channel {channel!r}")
     cur.execute(f"LISTEN {channel}")
+    settle = getattr(cur.connection, "settle", None)
+    if settle is not None:
+        settle()
 
 
 def notify(cur: Cursor, channel: str = TASK_CHANNEL) -> None:
@@ -153,7 +199,17 @@ def set_async_commit(cur: Cursor) -> None:
 def schema_version(cur: Cursor) -> int | None:
     """The newest migration applied; raises ``UndefinedTable`` without a schema."""
     cur.execute(QUERIES["schema_version"])
+    settle = getattr(cur.connection, "settle", None)
+    if settle is not None:
+        settle()
     return _scalar(cur)
+
+
+def session(cur: Cursor) -> tuple[int, float]:
+    """This session's backend pid and start time (seconds since the epoch)."""
+    _run(cur, "session")
+    row = cur.fetchone()
+    return row[0], row[1]
 
 
 def clock(cur: Cursor) -> datetime:
@@ -214,6 +270,7 @@ def record_success(
     claim: Claim,
     *,
     next_input: str | None,
+    output: str | None = None,
     delay: float,
     max_attempts: int,
     jobs: Sequence[str],
@@ -222,7 +279,8 @@ def record_success(
 ) -> Recorded:
     """Record the claimed task's step as succeeded, fenced on its claim token: the task is
     done (``next_input`` None) or moves on to its next step with ``next_input`` after
-    ``delay``. With ``jobs``, the same statement claims the next task with ``next_token``."""
+    ``delay``; a finished task keeps ``output`` (JSON text) as its result. With ``jobs``,
+    the same statement claims the next task with ``next_token``."""
     params: dict[str, Any] = {
         "id": claim.id,
         "token": claim.token,
@@ -231,6 +289,7 @@ def record_success(
         "lease": lease,
     }
     if next_input is None:
+        params["output"] = output
         _run(cur, "complete_task", params)
     else:
         params.update(input=next_input, delay=delay, max_attempts=max_attempts)
@@ -309,9 +368,9 @@ def reclaim_expired(cur: Cursor) -> list[int]:
     return [row[0] for row in cur.fetchall()]
 
 
-def end_sessions_of(cur: Cursor, application_name: str) -> None:
-    """End the server sessions named ``application_name`` (a dead child's)."""
-    _run(cur, "end_sessions_of", {"application_name": application_name})
+def end_session(cur: Cursor, pid: int, started: float) -> None:
+    """End the server session with this backend pid and start time (a dead worker's)."""
+    _run(cur, "end_session", {"pid": pid, "started": started})
 
 
 def register_jobs(cur: Cursor, jobs: Iterable[Mapping[str, Any]]) -> None:
@@ -379,9 +438,10 @@ def task_info(cur: Cursor, task_id: int) -> TaskInfo | None:
     return None if info is None else replace(info, state=TaskState(info.state))
 
 
-def cancel_task(cur: Cursor, task_id: int) -> str | None:
-    """Cancel a task; returns its state afterwards, or ``None`` when it had finished."""
-    _run(cur, "cancel_task", {"id": task_id})
+def cancel_task(cur: Cursor, task_id: int, abort: bool = False) -> str | None:
+    """Cancel a task (and with ``abort``, end its running step now); returns its state
+    afterwards, or ``None`` when it had finished or does not exist."""
+    _run(cur, "cancel_task", {"id": task_id, "abort": abort, "abort_channel": ABORT_CHANNEL})
     return _scalar(cur)
 
 
@@ -412,7 +472,7 @@ def queue_summary(cur: Cursor) -> list[QueueSummary]:
 def dead_letters(cur: Cursor, queue: str) -> list[DeadLetter]:
     """The tasks in a dead-letter queue, oldest first."""
     _run(cur, "dead_letters", {"queue": queue})
-    return _all(DeadLetter, cur)
+    return [replace(letter, input=_shown(letter.input)) for letter in _all(DeadLetter, cur)]
 
 
 def redrive(cur: Cursor, queue: str, ids: Sequence[int] | None) -> list[int]:
@@ -425,3 +485,217 @@ def run_delayed_now(cur: Cursor, jobs: Sequence[str]) -> int:
     """Make every delayed task of ``jobs`` due now; returns how many there were."""
     _run(cur, "run_delayed_now", {"jobs": jobs})
     return cur.rowcount
+
+
+def enqueue_named(
+    cur: Cursor,
+    job: str,
+    input: str,
+    *,
+    delay: float = 0.0,
+    priority: int | None = None,
+    key: str | None = None,
+    run_at: datetime | None = None,
+) -> int:
+    """Enqueue a task of a job known only by name, with its registered defaults."""
+    params = {
+        "job": job,
+        "input": input,
+        "delay": delay,
+        "priority": priority,
+        "key": key,
+        "run_at": run_at,
+    }
+    _run(cur, "enqueue_named", params)
+    return _scalar(cur)
+
+
+def task_job(cur: Cursor, task_id: int) -> str | None:
+    """The job of the task with this id, or ``None`` when there is no such task."""
+    _run(cur, "task_job", {"id": task_id})
+    return _scalar(cur)
+
+
+def await_task(cur: Cursor, task_id: int) -> tuple[str, str | None, str | None, str | None] | None:
+    """Mark a task as awaited (its end then notifies :data:`RESULT_CHANNEL`) and return
+    (state, output JSON, error, traceback) as it stands; ``None`` when there is no task."""
+    _run(cur, "await_task", {"id": task_id})
+    row = cur.fetchone()
+    return None if row is None else (row[0], row[1], row[2], row[3])
+
+
+def retry_tasks(cur: Cursor, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
+    """Put the failed ones of these tasks back to work; returns (id, state before, retried)
+    for every task that exists."""
+    _run(cur, "retry_tasks", {"ids": list(ids), "channel": TASK_CHANNEL})
+    return [(row[0], row[1], row[2]) for row in cur.fetchall()]
+
+
+def failed_task_ids(cur: Cursor, job: str, since: datetime | None, limit: int) -> list[int]:
+    """Ids of a job's failed tasks (since a time, if given), oldest first."""
+    _run(cur, "failed_task_ids", {"job": job, "since": since, "limit": limit})
+    return [row[0] for row in cur.fetchall()]
+
+
+def abort_requested(cur: Cursor, tokens: Sequence[int]) -> list[int]:
+    """Which tasks claimed with ``tokens`` an operator asked to abort."""
+    if not tokens:
+        return []
+    _run(cur, "abort_requested", {"tokens": list(tokens)})
+    return [row[0] for row in cur.fetchall()]
+
+
+def set_rate_limit(cur: Cursor, queue: str, count: int, per: float) -> None:
+    """Limit ``queue`` to ``count`` claims per ``per`` seconds across all hosts."""
+    _run(cur, "set_rate_limit", {"queue": queue, "count": count, "per": per})
+
+
+def clear_rate_limit(cur: Cursor, queue: str) -> bool:
+    """Lift a queue's rate limit; returns whether it had one."""
+    _run(cur, "clear_rate_limit", {"queue": queue})
+    return bool(cur.rowcount)
+
+
+def set_concurrency_limits(cur: Cursor, limits: Mapping[str, int]) -> None:
+    """Store the limits of concurrency groups, by name."""
+    if limits:
+        groups = [{"name": k, "max_concurrency": v} for k, v in limits.items()]
+        _run(cur, "set_concurrency_limits", {"groups": json.dumps(groups)})
+
+
+def limits(cur: Cursor) -> list[Limit]:
+    """Every rate and concurrency limit, with the room each has now."""
+    _run(cur, "limits")
+    return _all(Limit, cur)
+
+
+def heartbeat(
+    cur: Cursor, supervisor_id: str, host: str, pid: int, jobs: Sequence[str], workers: list
+) -> None:
+    """Record that a supervisor is alive, and what its workers run now."""
+    _run(
+        cur,
+        "heartbeat",
+        {
+            "id": supervisor_id,
+            "host": host,
+            "pid": pid,
+            "jobs": list(jobs),
+            "workers": json.dumps(workers),
+        },
+    )
+
+
+def sign_off(cur: Cursor, supervisor_id: str) -> None:
+    """Remove a stopping supervisor's row."""
+    _run(cur, "sign_off", {"id": supervisor_id})
+
+
+def supervisors(cur: Cursor, within: float) -> list[SupervisorInfo]:
+    """Supervisors whose last heartbeat is under ``within`` seconds old."""
+    _run(cur, "supervisors", {"within": within})
+    found = []
+    for row in cur.fetchall():
+        values = dict(zip([column.name for column in cur.description], row))
+        workers = tuple(
+            WorkerNow(
+                slot=w["slot"],
+                pid=w["pid"],
+                task_id=w.get("task_id") if w.get("job") else None,
+                job=w.get("job"),
+                step=w.get("step"),
+                step_name=w.get("step_name"),
+                started_at=_timestamp(w.get("started_at")),
+            )
+            for w in json.loads(values.pop("workers"))
+        )
+        found.append(SupervisorInfo(**{**values, "jobs": tuple(values["jobs"])}, workers=workers))
+    return found
+
+
+def _timestamp(text: str | None) -> datetime | None:
+    return None if text is None else datetime.fromisoformat(text)
+
+
+def prune_supervisors(cur: Cursor) -> None:
+    """Forget supervisors silent for a day."""
+    _run(cur, "prune_supervisors")
+
+
+def count_finished(cur: Cursor, tally: Sequence[Mapping[str, Any]]) -> None:
+    """Add finished tries to the per-minute statistics."""
+    if tally:
+        _run(cur, "count_finished", {"tally": json.dumps(list(tally), default=str)})
+
+
+def throughput(cur: Cursor, minutes: int, queue: str | None = None) -> list[Minute]:
+    """Tries finished per minute over the last ``minutes`` minutes, oldest first."""
+    _run(cur, "throughput", {"minutes": minutes, "queue": queue})
+    return _all(Minute, cur)
+
+
+def prune_statistics(cur: Cursor) -> None:
+    """Forget per-minute statistics older than a day."""
+    _run(cur, "prune_statistics")
+
+
+def prune_ticks(cur: Cursor, batch: int) -> int:
+    """Forget up to ``batch`` fired ticks no scheduler needs; returns how many."""
+    _run(cur, "prune_ticks", {"batch": batch})
+    return cur.rowcount
+
+
+def schedules(cur: Cursor) -> list[dict[str, Any]]:
+    """Every stored schedule as a row: job, name, expression, input, catch_up,
+    updated_at, last_fire."""
+    _run(cur, "schedules")
+    names = [column.name for column in cur.description]
+    rows = [dict(zip(names, row)) for row in cur.fetchall()]
+    for row in rows:
+        row["input"] = _shown(row["input"])
+    return rows
+
+
+def unhandled_jobs(cur: Cursor, within: float) -> list[UnhandledJob]:
+    """Jobs with tasks waiting over a minute that no live supervisor runs."""
+    _run(cur, "unhandled_jobs", {"within": within})
+    return _all(UnhandledJob, cur)
+
+
+def list_tasks(
+    cur: Cursor,
+    *,
+    state: str | None = None,
+    job: str | None = None,
+    queue: str | None = None,
+    since: datetime | None = None,
+    before: int | None = None,
+    limit: int = 50,
+) -> list[TaskSummary]:
+    """Tasks, newest first, filtered by what is given."""
+    params = {
+        "state": state,
+        "job": job,
+        "queue": queue,
+        "since": since,
+        "before": before,
+        "limit": limit,
+    }
+    _run(cur, "list_tasks", params)
+    return [replace(t, state=TaskState(t.state)) for t in _all(TaskSummary, cur)]
+
+
+def task_detail(cur: Cursor, task_id: int) -> TaskDetail | None:
+    """The task with this id, whole, with every try; ``None`` when there is none."""
+    _run(cur, "task_detail", {"id": task_id})
+    detail = _one(TaskDetail, cur)
+    if detail is None:
+        return None
+    _run(cur, "task_attempts", {"id": task_id})
+    return replace(
+        detail,
+        state=TaskState(detail.state),
+        input=_shown(detail.input),
+        output=_shown(detail.output),
+        history=tuple(_all(Attempt, cur)),
+    )

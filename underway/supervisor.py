@@ -48,6 +48,7 @@ from typing import Any
 
 import psycopg2
 
+from . import logs, metrics
 from . import options as supervisor_options
 from .db import redact_dsn, resolve_dsn
 from .errors import UnderwayError
@@ -55,8 +56,8 @@ from .job import Job, registered_jobs
 from .options import SupervisorOptions
 from .records import Release
 from .scheduler import Scheduler
-from .service import Service, application_name
-from .slots import Slots
+from .service import Service
+from .slots import Held, Slots
 from .upkeep import Upkeep
 from .worker import Worker
 
@@ -66,6 +67,9 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
 
 QUICK_DEATH = 5.0
 """A worker that dies sooner than this after starting is restarted with growing backoff."""
+
+FINISH_WITHIN = 3.0
+"""Seconds a stop may spend, after its workers are gone, giving back what they held."""
 
 TIMEOUT_KILL_AFTER = 5.0
 """Seconds past a step's deadline before the supervisor kills its worker: the worker's own
@@ -86,9 +90,11 @@ class Child:
     restart_at: float | None = None
     #: Deaths in a row, each soon after its start: the restart backoff grows with them.
     quick_deaths: int = 0
-    #: Killed by our own stop (its try is not counted), or for a step past its deadline.
+    #: Killed by our own stop (its try is not counted), for a step past its deadline, or
+    #: for a step an operator aborted.
     stopped_by_us: bool = False
     timed_out: bool = False
+    aborted: bool = False
 
 
 class Supervisor:
@@ -99,7 +105,15 @@ class Supervisor:
         self.jobs = dict(jobs)
         self.options = options
         self.slots = Slots(options.workers)
-        self.upkeep = Upkeep(dsn, self.slots, options.lease)
+        self.upkeep = Upkeep(
+            dsn,
+            self.slots,
+            self.jobs,
+            lease=options.lease,
+            db_timeout=options.db_timeout,
+            workers=self.workers_now,
+            abort=self.abort,
+        )
         self.children = [Child("worker", slot) for slot in range(options.workers)]
         if options.scheduler and not options.burst:
             self.children.append(Child("scheduler"))
@@ -113,7 +127,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and supervise them until stopped; returns the exit status."""
-        self.upkeep.register_jobs(self.jobs)
+        self.upkeep.register()
         self._install_signal_handlers()
         log.info(
             "supervisor %s starting %d workers for jobs %s on %s",
@@ -122,6 +136,8 @@ class Supervisor:
             ", ".join(sorted(self.jobs)),
             redact_dsn(self.dsn),
         )
+        if self.options.metrics_port is not None:
+            metrics.serve(self.options.metrics_port, self.dsn)
         for child in self.children:
             self.spawn(child)
         while True:
@@ -151,12 +167,24 @@ class Supervisor:
                     self.signal_workers(signal.SIGTERM)
                 self.respawn_due()
             self.end_overdue()
+            if self.stopping_at is not None:
+                # Upkeep must not hold the stop past its grace period, whatever the database.
+                self.upkeep.deadline = self.stopping_at + FINISH_WITHIN
             self.upkeep.run_due()
 
     def finish(self) -> None:
-        """Give back what dead workers held, if not done yet, and close the connection."""
+        """Give back what dead workers held, if not done yet, sign off and close the
+        connection: within a few seconds, whatever the database does. What could not be
+        given back is left to its lease."""
+        self.upkeep.deadline = time.monotonic() + FINISH_WITHIN
         if self.upkeep.dead_workers.queue:
             self.upkeep.run(self.upkeep.dead_workers)
+        if self.upkeep.dead_workers.queue:
+            log.warning(
+                "could not give back %d dead workers' tasks: their leases will bring them back",
+                len(self.upkeep.dead_workers.queue),
+            )
+        self.upkeep.sign_off()
         self.upkeep.close()
 
     def running(self) -> list[Child]:
@@ -179,9 +207,14 @@ class Supervisor:
             timeout = min(timeout, min(restarts) - time.monotonic())  # type: ignore[type-var]
         if self.stopping_at is not None:
             timeout = min(timeout, self.stopping_at - time.monotonic())
-        readable, _, _ = select.select([self._wake_r], [], [], max(timeout, 0))
-        if readable:
+        watched: list[Any] = [self._wake_r]
+        if self.upkeep.conn is not None and not self.upkeep.conn.closed:
+            watched.append(self.upkeep.conn)
+        readable, _, _ = select.select(watched, [], [], max(timeout, 0))
+        if self._wake_r in readable:
             os.read(self._wake_r, 4096)
+        if self.upkeep.conn is not None and self.upkeep.conn in readable:
+            self.upkeep.notified()
 
     # -- signals ----------------------------------------------------------------
 
@@ -233,13 +266,15 @@ class Supervisor:
         supervisor's handlers and a stop signal never misses it.
         """
         child.restart_at = None
+        if child.slot is not None:
+            self.slots.reset(child.slot)
         signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 os._exit(self._child_main(child))
             child.pid, child.started = pid, time.monotonic()
-            child.stopped_by_us = child.timed_out = False
+            child.stopped_by_us = child.timed_out = child.aborted = False
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
 
@@ -275,7 +310,9 @@ class Supervisor:
     def _service(self, child: Child, wakeup_fd: int) -> Service:
         """What runs in ``child``'s process: a worker, or the scheduler."""
         if child.slot is None:
-            return Scheduler(self.dsn, self.jobs, wakeup_fd=wakeup_fd)
+            return Scheduler(
+                self.dsn, self.jobs, wakeup_fd=wakeup_fd, db_timeout=self.options.db_timeout
+            )
         return Worker(
             self.dsn,
             self.jobs,
@@ -308,37 +345,52 @@ class Supervisor:
         child.pid = 0
         how = describe_exit(status)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-        token, task_id, deadline, next_token = 0, 0, 0.0, 0
+        held = Held(0, 0, 0.0, 0, 0, 0.0, 0)
         if child.slot is not None:
-            token, task_id, deadline, next_token = self.slots.read(child.slot)
+            held = self.slots.read(child.slot)
             self.slots.clear(child.slot)
-        if token or not clean:
-            reason = f"worker process {pid} {how}"
-            if child.timed_out:
-                reason = f"the step ran past its timeout; {reason} by the supervisor"
-            elif not ours:
-                reason += " while running the step"
-            # A try counts when its step had started (it has a deadline) and we did not stop it.
-            counts = not ours and deadline > 0
-            outcome = "timed_out" if child.timed_out else "crashed" if counts else "interrupted"
-            releases = [Release(token, reason, outcome)] if token else []
-            if next_token:
-                not_started = f"worker process {pid} {how} before starting it"
-                releases.append(Release(next_token, not_started))
-            self.upkeep.after_death(application_name(child.role, pid), releases)
+        if held.token or held.backend_pid or not clean:
+            self.upkeep.after_death(
+                (held.backend_pid, held.backend_start), self._releases(child, pid, how, held)
+            )
         if clean or ours:
             log.info("%s %s", _label(child, pid), how)
         else:
-            holding = f" holding task {task_id}" if task_id else ""
+            holding = f" holding task {held.task_id}" if held.task_id else ""
             log.error("%s %s%s", _label(child, pid), how, holding)
         if self.stopping_at is not None or self.hard_stop or (clean and self.options.burst):
             return
+        # A crash loop is a worker that dies before finishing anything (an import error, a
+        # bad DSN, a step that kills it at once): back off. One killed after doing work
+        # (the OOM killer, a memory limit) is replaced at once, so the pool stays full.
         lived = time.monotonic() - child.started
-        child.quick_deaths = child.quick_deaths + 1 if lived < QUICK_DEATH and not clean else 0
+        looping = not (clean or child.timed_out or child.aborted) and held.done == 0
+        child.quick_deaths = child.quick_deaths + 1 if looping and lived < QUICK_DEATH else 0
         delay = min(0.1 * 2**child.quick_deaths, 30.0) if child.quick_deaths else 0.0
         if delay:
             log.warning("restarting %s in %.1fs", _label(child, pid), delay)
         child.restart_at = time.monotonic() + delay
+        if not clean:
+            metrics.worker_restarted()
+
+    def _releases(self, child: Child, pid: int, how: str, held: Held) -> list[Release]:
+        """The claims a dead worker held, and how each try is to be recorded."""
+        reason = f"worker process {pid} {how}"
+        if child.timed_out:
+            reason = f"the step ran past its timeout; {reason} by the supervisor"
+            outcome = "timed_out"
+        elif child.aborted:
+            reason, outcome = f"aborted by an operator; {reason} by the supervisor", "aborted"
+        elif child.stopped_by_us or not held.deadline:
+            # Our own stop, or a step not yet started: the try does not count.
+            outcome = "interrupted"
+        else:
+            reason, outcome = f"{reason} while running the step", "crashed"
+        releases = [Release(held.token, reason, outcome)] if held.token else []
+        if held.next_token:
+            not_started = f"worker process {pid} {how} before starting it"
+            releases.append(Release(held.next_token, not_started))
+        return releases
 
     def respawn_due(self) -> None:
         """Start the children whose restart time has come."""
@@ -359,10 +411,30 @@ class Supervisor:
         found = []
         for child in self.running():
             if child.slot is not None:
-                _, task_id, deadline, _ = self.slots.read(child.slot)
-                if task_id:
-                    found.append((child, task_id, deadline))
+                held = self.slots.read(child.slot)
+                if held.task_id:
+                    found.append((child, held.task_id, held.deadline))
         return found
+
+    def workers_now(self) -> list[dict[str, Any]]:
+        """What each live worker runs now, for the supervisors' registry."""
+        now = []
+        for child in self.running():
+            if child.slot is not None:
+                task_id = self.slots.read(child.slot).task_id or None
+                now.append({"slot": child.slot, "pid": child.pid, "task_id": task_id})
+        return now
+
+    def abort(self, task_ids: list[int]) -> None:
+        """End the steps of these tasks now, as an operator asked (``cancel(abort=True)``):
+        kill the workers running them. The tries are recorded as aborted and the tasks end
+        cancelled; fresh workers take their places."""
+        for child, task_id, _ in self.held():
+            if task_id in task_ids and not child.aborted:
+                log.warning("worker %s: aborting task %s, as asked", child.pid, task_id)
+                child.aborted = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child.pid, signal.SIGKILL)
 
     def end_overdue(self) -> None:
         """Kill workers whose step is stuck past its deadline, beyond the reach of their own
@@ -422,6 +494,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dsn", help="database (default: $DATABASE_URL)")
     supervisor_options.add_arguments(parser)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default=os.environ.get("UNDERWAY_LOG_FORMAT", "text"),
+        help="text lines, or one JSON object per line (default: $UNDERWAY_LOG_FORMAT, else text)",
+    )
     args = parser.parse_args(argv)
     problem = supervisor_options.from_arguments(args).problem()
     if problem:
@@ -432,10 +510,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m underway.supervisor``; returns the exit status."""
     args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    logs.configure(args.log_format, args.log_level.upper())
     sys.path.insert(0, os.getcwd())
     try:
         jobs = import_jobs(args.modules)

@@ -26,17 +26,12 @@ from typing import Any
 
 from . import store
 from .db import default_cursor, resolve_dsn
-from .errors import UnderwayError
+from .errors import TaskFailed
 from .job import Job, registered_jobs, unregister_job
 from .task import Task, TaskState, task_info
 from .worker import Worker
 
 __all__ = ["TaskFailed", "drain", "run_inline", "unregister_job"]
-
-
-class TaskFailed(UnderwayError):
-    """A task run by :func:`run_inline` failed for good; the message holds the last error
-    and its traceback."""
 
 
 def drain(
@@ -94,7 +89,8 @@ def run_inline(
 ) -> Task:
     """Enqueue a run of ``job`` and run it to the end in this process: every step, with
     retries at once instead of after their backoff. Other ready tasks of the same job run
-    too (a test database usually has none).
+    too (a test database usually has none). The task returned has finished: its
+    ``result()`` is there at once.
 
     :raises TaskFailed: when the task failed for good, with its last error and traceback
         (unless ``raise_on_failure=False``; check ``task.status()`` then).
@@ -107,4 +103,6 @@ def run_inline(
         if not raise_on_failure or info is None or info.state is not TaskState.FAILED:
             return task
         error, trace = store.last_failure(cur, task.id) or (info.error, None)
-    raise TaskFailed(f"task {task.id} of job {job.name!r} failed: {error}\n{trace or ''}")
+    raise TaskFailed(
+        f"task {task.id} of job {job.name!r} failed: {error}\n{trace or ''}", error, trace
+    )

@@ -6,27 +6,39 @@ Each unit is small and has a :meth:`~Unit.run_once` that a test can call on its 
   the task it held, at once;
 - :class:`LeaseRenewal` renews the leases of the tasks this supervisor's workers hold,
   every third of a lease, so a step may run for hours and never be reclaimed;
+- :class:`Aborts` finds the tasks of its workers that an operator asked to abort (it is
+  also woken at once by a notification), for the supervisor to end those steps;
+- :class:`Heartbeat` says in ``underway.supervisor`` that the supervisor is alive and
+  what each of its workers runs;
 - :class:`LapsedLeases` gives back tasks whose lease lapsed anywhere: their host is gone;
-- :class:`Retention` deletes finished tasks past their ``keep_for``, once a minute.
+- :class:`UnhandledJobs` says, once a minute, which jobs have tasks waiting that no live
+  supervisor runs;
+- :class:`Retention` deletes finished tasks past their ``keep_for``, and old ticks,
+  statistics and supervisors' rows, once a minute.
 
-:class:`Upkeep` runs the units that are due on the supervisor's one connection. A unit
-that fails does not stop the others: an outage drops the connection until the next pass,
-and any other error is logged with its traceback and retried at the unit's next turn.
+:class:`Upkeep` runs the units that are due on the supervisor's one connection, on which
+no statement may take longer than ``db_timeout`` (a frozen server included). A unit that
+fails does not stop the others: an outage drops the connection until the next pass, and
+any other error is logged with its traceback and retried at the unit's next turn.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg2
 import psycopg2.extensions
 
 from . import store
-from .db import check_schema, close_quietly, connect, is_outage
+from .db import BoundedConnection, check_schema, close_quietly, connect_bounded, is_outage
+from .errors import ConfigurationError
 from .job import Job
 from .records import Release
 from .service import application_name
@@ -42,6 +54,9 @@ PURGE_BATCH = 500
 
 PURGE_BATCHES = 20
 """Retention transactions per pass at most; the rest waits for the next pass."""
+
+ALIVE_WITHIN = 3.0
+"""A supervisor whose heartbeat is older than this many renewal intervals is gone."""
 
 Cursor = psycopg2.extensions.cursor
 
@@ -66,15 +81,16 @@ class Unit:
 
 @dataclass(frozen=True)
 class Death:
-    """What a dead child left behind: its server session (by ``application_name``) and the
-    claims it held."""
+    """What a dead worker left behind: its server session (backend pid and start; pid 0
+    for none) and the claims it held."""
 
-    session: str
+    backend_pid: int
+    backend_start: float
     releases: tuple[Release, ...]
 
 
 class DeadWorkers(Unit):
-    """Cleans up after dead children: ends the server session a child left running (it may
+    """Cleans up after dead workers: ends the server session a worker left running (it may
     be mid-statement, holding locks and a connection slot), then gives back the tasks it
     held. What the database refuses now stays queued for the next pass."""
 
@@ -86,7 +102,8 @@ class DeadWorkers(Unit):
     def run_once(self, cur: Cursor) -> None:
         while self.queue:
             death = self.queue[0]
-            store.end_sessions_of(cur, death.session)
+            if death.backend_pid:
+                store.end_session(cur, death.backend_pid, death.backend_start)
             for release in death.releases:
                 for task_id, state in store.release_claim(cur, release):
                     log.warning("task %s given back (%s): %s", task_id, state, release.reason)
@@ -105,6 +122,34 @@ class LeaseRenewal(Unit):
         store.renew_leases(cur, self.slots.tokens(), self.lease)
 
 
+class Aborts(Unit):
+    """Hands the supervisor the tasks of its workers an operator asked to abort."""
+
+    def __init__(self, slots: Slots, lease: float, abort: Callable[[list[int]], None]) -> None:
+        self.slots = slots
+        self.abort = abort
+        self.interval = renewal_interval(lease)
+
+    def run_once(self, cur: Cursor) -> None:
+        ids = store.abort_requested(cur, self.slots.tokens())
+        if ids:
+            self.abort(ids)
+
+
+class Heartbeat(Unit):
+    """Keeps this supervisor's row in ``underway.supervisor``: alive, and running what."""
+
+    def __init__(self, lease: float, jobs: Iterable[str], workers: Callable[[], list[Any]]):
+        self.id = str(uuid.uuid4())
+        self.host = socket.gethostname()
+        self.jobs = sorted(jobs)
+        self.workers = workers
+        self.interval = renewal_interval(lease)
+
+    def run_once(self, cur: Cursor) -> None:
+        store.heartbeat(cur, self.id, self.host, os.getpid(), self.jobs, self.workers())
+
+
 class LapsedLeases(Unit):
     """Gives back running tasks whose lease lapsed: the host holding them is gone. The try
     counts, as a crash does."""
@@ -117,9 +162,30 @@ class LapsedLeases(Unit):
             log.warning("task %s released: its lease expired", task_id)
 
 
+class UnhandledJobs(Unit):
+    """Says which jobs have tasks waiting over a minute that no live supervisor runs: a
+    renamed job, a typo in an enqueue from SQL, or a job shipped to enqueuers before its
+    workers (then it is only a note, until the workers are deployed)."""
+
+    interval = 60.0
+
+    def __init__(self, lease: float) -> None:
+        self.within = ALIVE_WITHIN * renewal_interval(lease)
+
+    def run_once(self, cur: Cursor) -> None:
+        for found in store.unhandled_jobs(cur, self.within):
+            log.warning(
+                "%d tasks of job %r wait, which no running supervisor handles: deploy its "
+                "workers, or cancel them",
+                found.tasks,
+                found.job,
+                extra={"event": "job_unhandled", "job": found.job, "tasks": found.tasks},
+            )
+
+
 class Retention(Unit):
     """Deletes finished tasks past their ``keep_for``, in small batches that skip locked
-    rows, so workers never wait on it."""
+    rows, so workers never wait on it; and forgets old ticks, statistics and supervisors."""
 
     interval = PURGE_INTERVAL
 
@@ -136,6 +202,9 @@ class Retention(Unit):
                 break
         if deleted:
             log.info("retention: deleted %d finished tasks past their keep_for", deleted)
+        store.prune_ticks(cur, self.batch * self.max_batches)
+        store.prune_statistics(cur)
+        store.prune_supervisors(cur)
 
 
 class Upkeep:
@@ -143,28 +212,57 @@ class Upkeep:
 
     :param dsn: the database.
     :param slots: the shared memory the supervisor's workers post their claims to.
+    :param jobs: the jobs the supervisor runs.
     :param lease: seconds a claim's lease lasts.
+    :param db_timeout: the longest wait on one statement.
+    :param workers: what each worker runs now, for the heartbeat.
+    :param abort: ends the steps of these tasks (an operator asked to abort them).
     """
 
-    def __init__(self, dsn: str, slots: Slots, lease: float) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        slots: Slots,
+        jobs: Mapping[str, Job],
+        *,
+        lease: float,
+        db_timeout: float,
+        workers: Callable[[], list[Any]],
+        abort: Callable[[list[int]], None],
+    ) -> None:
         self.dsn = dsn
-        self.conn: psycopg2.extensions.connection | None = None
+        self.jobs = dict(jobs)
+        self.db_timeout = db_timeout
+        self.conn: BoundedConnection | None = None
+        #: A ``time.monotonic()`` instant no statement may wait past (a stop's end).
+        self.deadline: float | None = None
         self.dead_workers = DeadWorkers()
+        self.aborts = Aborts(slots, lease, abort)
+        self.heartbeat = Heartbeat(lease, self.jobs, workers)
         self.units: list[Unit] = [
             self.dead_workers,
             LeaseRenewal(slots, lease),
+            self.aborts,
+            self.heartbeat,
             LapsedLeases(lease),
+            UnhandledJobs(lease),
             Retention(),
         ]
         self._last_run: dict[Unit, float] = {}
 
-    def connection(self) -> psycopg2.extensions.connection:
-        """The supervisor's one connection, opened (and checked) on first use."""
+    def connection(self) -> BoundedConnection:
+        """The supervisor's one connection, opened (and checked) on first use; it listens
+        for abort requests."""
         if self.conn is None or self.conn.closed:
-            self.conn = connect(
-                self.dsn, application_name=application_name("supervisor", os.getpid())
+            self.conn = connect_bounded(
+                self.dsn,
+                application_name=application_name("supervisor", os.getpid()),
+                timeout=self.db_timeout,
             )
             check_schema(self.conn)
+            with self.conn.cursor() as cur:
+                store.listen(cur, store.ABORT_CHANNEL)
+        self.conn.deadline = self.deadline
         return self.conn
 
     def close(self) -> None:
@@ -172,22 +270,53 @@ class Upkeep:
         close_quietly(self.conn)
         self.conn = None
 
-    def register_jobs(self, jobs: Mapping[str, Job]) -> None:
-        """Store the jobs and their tasks' defaults (``underway.job``), for enqueue from SQL
-        and the scheduler."""
+    def register(self) -> None:
+        """Store the jobs, their tasks' defaults and step names (``underway.job``), and
+        the limits they declare; then say this supervisor is alive."""
+        rates: dict[str, tuple[int, float]] = {}
+        groups: dict[str, int] = {}
+        for job in self.jobs.values():
+            if job.rate_limit is not None:
+                _agree(rates, job.queue, job.rate_limit, f"queue {job.queue!r}: rate_limit")
+            if job.max_concurrency is not None and job.concurrency_group is not None:
+                what = f"concurrency group {job.concurrency_group!r}: max_concurrency"
+                _agree(groups, job.concurrency_group, job.max_concurrency, what)
         with self.connection().cursor() as cur:
-            store.register_jobs(cur, (job.defaults() for job in jobs.values()))
+            store.register_jobs(cur, (job.defaults() for job in self.jobs.values()))
+            store.set_concurrency_limits(cur, groups)
+            for queue, (count, per) in rates.items():
+                store.set_rate_limit(cur, queue, count, per)
+            self.heartbeat.run_once(cur)
 
-    def after_death(self, session: str, releases: Iterable[Release]) -> None:
-        """A child died: end its session and give back its claims, now if the database lets
-        us, else at a later pass."""
-        self.dead_workers.queue.append(Death(session, tuple(releases)))
+    def sign_off(self) -> None:
+        """Remove this supervisor's row, as it stops; a frozen database leaves it to age."""
+        self.run_now(lambda cur: store.sign_off(cur, self.heartbeat.id), "signing off")
+
+    def after_death(self, backend: tuple[int, float], releases: Iterable[Release]) -> None:
+        """A worker died: end its session and give back its claims, now if the database
+        lets us, else at a later pass."""
+        self.dead_workers.queue.append(Death(*backend, tuple(releases)))
         self.run(self.dead_workers)
 
     def seconds_until_due(self) -> float:
         """Seconds until the next unit is due."""
         now = time.monotonic()
         return max(min(self._last_run.get(u, 0.0) + u.interval - now for u in self.units), 0.0)
+
+    def notified(self) -> None:
+        """The connection has something to read: an abort request, most likely. Act on it
+        at once rather than at the next renewal."""
+        if self.conn is None:
+            return
+        try:
+            self.conn.poll()
+        except psycopg2.Error as exc:
+            log.warning("%s: %s", Unit.postponed, exc)
+            self.close()
+            return
+        if self.conn.notifies:
+            self.conn.notifies.clear()
+            self.run(self.aborts)
 
     def run_due(self) -> None:
         """Run every unit whose interval has passed since its last pass. When the database
@@ -203,14 +332,29 @@ class Upkeep:
 
     def run(self, unit: Unit) -> bool:
         """One pass of ``unit``; False when the database is away."""
+        return self.run_now(unit.run_once, unit.postponed, type(unit).__name__)
+
+    def run_now(
+        self, work: Callable[[Cursor], None], postponed: str, name: str | None = None
+    ) -> bool:
+        """Do ``work`` on the connection; False when the database is away (then the log
+        says ``postponed``)."""
         try:
             with self.connection().cursor() as cur:
-                unit.run_once(cur)
+                work(cur)
         except psycopg2.Error as exc:
             if not is_outage(exc):
-                log.exception("%s failed; trying again later", type(unit).__name__)
+                log.exception("%s failed; trying again later", name or postponed)
                 return True
-            log.warning("%s: %s", unit.postponed, exc)
+            log.warning("%s: %s", postponed, exc)
             self.close()
             return False
         return True
+
+
+def _agree(found: dict[str, Any], name: str, value: Any, what: str) -> None:
+    """Record ``value`` for ``name``, refusing two jobs that set it differently."""
+    if found.setdefault(name, value) != value:
+        raise ConfigurationError(
+            f"{what} is set differently by two jobs: {found[name]} and {value}"
+        )

@@ -1,16 +1,18 @@
 """The worker: one process, one connection, one task at a time.
 
-:meth:`Worker.run` is the whole loop; read it first. Each turn, :meth:`Worker.run_once`
+:meth:`Worker.turn` is one pass of the loop (the loop itself, with reconnecting, is
+:meth:`Service.run <underway.service.Service.run>`); read it first. Each turn,
+:meth:`Worker.run_once`
 
 1. takes the task claimed while recording the previous one, or else claims the next
    ready task in a short transaction of its own; either way the claim, which counts the
    try, is committed before the step starts, so a worker that dies mid-step has used it up;
 2. calls the step with a :class:`~underway.context.Context`; the step's writes through it
    go into a second transaction;
-3. in that same transaction records the outcome: the next step, the end of the job, or
-   a failure to retry, fenced on the claim token so a worker that lost its task (lease
-   lapsed, task reclaimed) can change nothing; and, in the same statement, claims the
-   next ready task;
+3. in that same transaction records the outcome: the next step, the end of the job (with
+   its result), or a failure to retry, fenced on the claim token so a worker that lost its
+   task (lease lapsed, task reclaimed) can change nothing; and, in the same statement,
+   claims the next ready task;
 4. commits.
 
 A step's effects, its completion and the enqueue of its next step thus commit together or
@@ -18,10 +20,10 @@ not at all, and a busy worker spends one round trip and one commit per task. Whe
 is ready, the worker waits on LISTEN/NOTIFY, and never longer than the poll interval or the
 time until the next delayed task is due.
 
-A step that runs past its timeout is interrupted by SIGALRM (raising
-:class:`~underway.errors.StepTimeout` in it); one stuck where Python cannot interrupt it
-(a blocking C call) is ended by the supervisor, which reads the step's deadline from the
-worker's slot.
+Nothing a step does can stop the worker: an exception of any kind (``sys.exit()``
+included) fails that try, with its error recorded. A task whose stored input cannot be
+decoded fails for good. Only the database going away interrupts a try; the worker then
+reconnects and gives the task back, uncounted, as soon as the database takes writes.
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from . import store
+from . import metrics, store, tracing
 from .context import Context
 from .db import is_outage
 from .errors import Fatal, StepTimeout
-from .job import Job, Step, To, to_json
+from .job import Job, Step, To
 from .records import Claim, Release
 from .service import Service
 from .slots import Slots
+from .tally import Tally
 from .timeouts import StepClock
+from .values import MAX_ERROR_CHARS, MAX_TRACEBACK_CHARS, clean_text, to_json
 
 log = logging.getLogger("underway.worker")
 
@@ -53,6 +57,12 @@ log = logging.getLogger("underway.worker")
 LOST = (
     "the task was taken from this worker (its lease lapsed) before the outcome was "
     "recorded; the step's writes were rolled back"
+)
+
+SELF_COMMITTED = (
+    "the step ended the worker's transaction itself (COMMIT or ROLLBACK through cx): its "
+    "writes are no longer atomic with the step, and a retry would repeat them. Let the "
+    "worker commit; write through cx.cursor() without committing"
 )
 
 
@@ -112,17 +122,22 @@ class Worker(Service):
         # The next task, claimed in the transaction that completed the previous one.
         self._next: Claim | None = None
         self.clock = StepClock()
+        self.tally = Tally()
 
     def turn(self) -> None:
         """Run one ready task; with none ready, wait for one (or stop, in burst mode)."""
         if self.run_once(claim_next=True):
             self.tasks_run += 1
+            self.slots.count_done(self.slot, self.tasks_run)
             if self.max_tasks is not None and self.tasks_run >= self.max_tasks:
                 log.info(
                     "worker %s ran %d tasks: exiting to be replaced", os.getpid(), self.tasks_run
                 )
                 self.stop()
+            elif self.tally.due():
+                self.flush_tally()
             return
+        self.flush_tally()
         if self.burst:
             self.stop()
         else:
@@ -141,8 +156,8 @@ class Worker(Service):
         try:
             self.execute(claim, claim_next)
         finally:
-            # A task still to give back stays posted, so that if this process dies
-            # before it reconnects, the supervisor gives it back instead.
+            # A task still to give back stays posted, so that the supervisor keeps its
+            # lease and, if this process dies before it reconnects, gives it back instead.
             if not self._orphans:
                 if self._next is not None:
                     self.slots.post(self.slot, self._next.token, self._next.id)
@@ -151,26 +166,37 @@ class Worker(Service):
         return True
 
     def on_stop(self) -> None:
-        """Give back a next task claimed but not started: it was not tried."""
-        if self._next is not None and self.conn is not None:
+        """Give back a next task claimed but not started (it was not tried), and count what
+        was done."""
+        if self.conn is None:
+            return
+        if self._next is not None:
             self._orphans.append(Release(self._next.token, "the worker stopped before starting it"))
             self._next = None
-            try:
-                self.give_back_orphans()
-            except psycopg2.Error as exc:
-                if not is_outage(exc):
-                    raise
-                # Still posted in the slot: the supervisor gives it back.
+        try:
+            self.give_back_orphans()
+            self.flush_tally()
+        except psycopg2.Error as exc:
+            if not is_outage(exc):
+                raise
+            # Still posted in the slot: the supervisor gives it back.
 
     def on_connect(self) -> None:
-        """Set the session up; after a reconnect, give back the task held when the
-        connection broke."""
-        if self.async_commit:
-            assert self.conn is not None
-            with self.conn.cursor() as cur:
+        """Set the session up and tell the supervisor which it is; after a reconnect, give
+        back the task held when the connection broke."""
+        assert self.conn is not None
+        with self.conn.cursor() as cur:
+            pid, started = store.session(cur)
+            if self.async_commit:
                 store.set_async_commit(cur)
+        self.slots.post_session(self.slot, pid, started)
         if self._orphans:
             self.give_back_orphans()
+
+    def disconnect(self) -> None:
+        """Close the connection, and say there is no session to end any more."""
+        super().disconnect()
+        self.slots.post_session(self.slot, 0, 0.0)
 
     # -- claiming and waiting -----------------------------------------------------
 
@@ -202,6 +228,12 @@ class Worker(Service):
             timeout = min(timeout, max(due, 0.005))
         self.wait_for_notification(timeout)
 
+    def flush_tally(self) -> None:
+        """Add the tries finished since the last flush to the per-minute statistics."""
+        if self.tally and self.conn is not None:
+            with self.conn.cursor() as cur:
+                store.count_finished(cur, self.tally.take())
+
     # -- running a step -----------------------------------------------------------
 
     def execute(self, claim: Claim, claim_next: bool = False) -> None:
@@ -226,65 +258,108 @@ class Worker(Service):
         )
         started = time.perf_counter()
         self._log("started", claim, step)
+        metrics.task_started(claim.job, claim.waited)
         try:
-            try:
-                if step is None:
-                    raise Fatal(
-                        f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
-                        "were steps removed while tasks were queued?"
-                    )
-                result = self.clock.run(step.function, cx, claim.input, timeout)
-                outcome, next_input = self._outcome(job, step, result)
-                event, details = self._finish(conn, cx, claim, outcome, next_input, claim_next)
-            except (Exception, StepTimeout) as exc:
-                if conn.closed:
-                    raise
-                event, details = self._fail(conn, cx, claim, step, exc)
-        except Exception as exc:
-            if not conn.closed:
+            outcome = self._run_step(cx, claim, job, step, timeout)
+            event, details = self._record(conn, cx, claim, job, step, outcome, claim_next)
+        except psycopg2.Error as exc:
+            if not (is_outage(exc) or conn.closed):
+                raise  # our own statement is wrong: a bug, not the task's fault
+            # The step's transaction is lost: give the task back once the database takes
+            # writes again; until then the slot keeps its lease renewed. A session that
+            # died under the step uses the try up, as any crash does (a step that kills
+            # its own session every time must not loop for ever); a database that only
+            # refused our writes (read-only, in a failover) does not.
+            if conn.closed:
+                reason, outcome = f"connection lost during step: {exc}", "crashed"
+            else:
+                reason, outcome = f"the database refused the step's outcome: {exc}", "interrupted"
+            reason = clean_text(reason.strip(), MAX_ERROR_CHARS)
+            self._orphans.append(Release(claim.token, reason, outcome))
+            raise psycopg2.OperationalError(reason) from exc
+        duration = time.perf_counter() - started
+        self.tally.count(claim.queue, claim.job, event)
+        metrics.task_finished(claim.job, step.name if step else "?", event, duration)
+        self._log(event, claim, step, duration=duration, **details)
+
+    def _run_step(
+        self, cx: Context, claim: Claim, job: Job, step: Step | None, timeout: float
+    ) -> To | BaseException:
+        """Call the step; what it returned, as a :class:`To`, or what it raised. Only the
+        database going away escapes (then no outcome of the try can be written)."""
+        failure: BaseException | None = None
+        try:
+            if step is None:
+                raise Fatal(
+                    f"job {claim.job!r} has no step {claim.step} (it has {len(job.steps)}): "
+                    "were steps removed while tasks were queued?"
+                )
+            what = f"the input of task {claim.id} of job {claim.job!r}"
+            inp = store.decode(claim.input, what)
+            with tracing.step_span(
+                claim.trace_context, claim.job, step.name, claim.id, claim.attempt
+            ):
+                result = self.clock.run(step.function, cx, inp, timeout)
+        except psycopg2.Error as exc:
+            if cx.closed() or is_outage(exc):
                 raise
-            # The session is gone, and the step's transaction with it: give the task back
-            # as soon as a new connection is up.
-            self._orphans.append(
-                Release(claim.token, f"connection lost during step: {exc}", "crashed")
+            failure = exc
+        except BaseException as exc:  # whatever a step raises fails its try
+            failure = exc
+        if cx.ended_its_transaction():
+            return Fatal(SELF_COMMITTED + (f"; then it failed: {failure}" if failure else ""))
+        if failure is not None:
+            return failure
+        assert step is not None
+        return self._outcome(job, step, result)
+
+    def _outcome(self, job: Job, step: Step, result: Any) -> To | BaseException:
+        """What the step returned, as a :class:`To` whose value is JSON text: ``None`` is
+        done; a plain value goes on to the next step, or from the last step is the result.
+        A mistake here is Fatal: retrying the same code would make the same mistake."""
+        last = step.index + 1 >= len(job.steps)
+        if not isinstance(result, To):
+            result = To.done() if result is None else To.done(result) if last else To.next(result)
+        elif result.kind != "done" and last:
+            return Fatal(
+                f"step {step.name!r} is the last step of job {job.name!r}, "
+                "so it cannot go on to a next one: return To.done(result)"
             )
-            raise psycopg2.OperationalError(f"connection lost during step: {exc}") from exc
-        self._log(event, claim, step, duration=time.perf_counter() - started, **details)
+        what = "result" if result.kind == "done" else "output"
+        if result.kind == "done" and result.value is None:
+            return result
+        try:
+            text = to_json(result.value, f"{what} of step {step.name!r} of {job.name!r}")
+        except (TypeError, ValueError) as exc:
+            return Fatal(str(exc))
+        return To(result.kind, text, result.wait)
+
+    def _record(
+        self,
+        conn: psycopg2.extensions.connection,
+        cx: Context,
+        claim: Claim,
+        job: Job,
+        step: Step | None,
+        outcome: To | BaseException,
+        claim_next: bool,
+    ) -> tuple[str, dict[str, Any]]:
+        """Record the try's outcome in the step's transaction and commit."""
+        if isinstance(outcome, BaseException):
+            return self._fail(conn, cx, claim, step, outcome)
+        return self._finish(conn, cx, claim, job, outcome, claim_next)
 
     def _last_task_due(self) -> bool:
         """Whether the task now ending is the last this worker may run (``max_tasks``)."""
         return self.max_tasks is not None and self.tasks_run + 1 >= self.max_tasks
-
-    def _outcome(self, job: Job, step: Step, result: Any) -> tuple[To, str | None]:
-        """Check what the step returned (a To, or None for done) against the job; returns
-        it with the next step's input as JSON. A mistake here is Fatal: retrying the same
-        code would make the same mistake."""
-        if result is None:
-            result = To.done()
-        if not isinstance(result, To):
-            raise Fatal(
-                f"step {step.name!r} of job {job.name!r} returned {type(result).__name__}; "
-                "a step returns To.next(value), To.delay(delay, value), To.done() or None"
-            )
-        if result.kind == "done":
-            return result, None
-        if step.index + 1 >= len(job.steps):
-            raise Fatal(
-                f"step {step.name!r} is the last step of job {job.name!r}, "
-                "so it cannot go on to a next one: return To.done()"
-            )
-        try:
-            return result, to_json(result.value, f"output of step {step.name!r} of {job.name!r}")
-        except (TypeError, ValueError) as exc:
-            raise Fatal(str(exc)) from exc
 
     def _finish(
         self,
         conn: psycopg2.extensions.connection,
         cx: Context,
         claim: Claim,
+        job: Job,
         outcome: To,
-        next_input: str | None,
         claim_next: bool = False,
     ) -> tuple[str, dict[str, Any]]:
         """Record the outcome in the step's transaction (if it opened one), claim the next
@@ -294,13 +369,15 @@ class Worker(Service):
             next_token = random.getrandbits(63) or 1
             # Posted first: if this process dies now, the supervisor gives both back.
             self.slots.post(self.slot, claim.token, claim.id, cx.deadline or 0.0, next_token)
-        following = None if next_input is None else self.jobs[claim.job].steps[claim.step + 1]
+        done = outcome.kind == "done"
+        following = None if done else job.steps[claim.step + 1]
         with conn.cursor() as cur:
             try:
                 recorded = store.record_success(
                     cur,
                     claim,
-                    next_input=next_input,
+                    next_input=None if done else outcome.value,
+                    output=outcome.value if done else None,
                     delay=outcome.wait,
                     max_attempts=following.retry.max_attempts if following else 0,
                     jobs=self.job_names if next_token else [],
@@ -311,7 +388,7 @@ class Worker(Service):
                 if cx.in_transaction:
                     (store.rollback if lost else store.commit)(cur)
             except psycopg2.Error as exc:
-                if next_token and conn.closed and is_outage(exc):
+                if next_token and (conn.closed or is_outage(exc)):
                     self._orphans.append(Release(next_token, "connection lost while claiming"))
                 raise
             if recorded.next is not None and not (lost and cx.in_transaction):
@@ -319,12 +396,11 @@ class Worker(Service):
             if not lost and (outcome.wait or claim.serial_queue):
                 # Wake idle workers: for the next step later, or the serial queue's next task.
                 store.notify(cur)
-        state = recorded.state
         if lost:
             return "lost", {"error": LOST}
-        if state == "cancelled":
+        if recorded.state == "cancelled":
             return "cancelled", {}
-        return ("succeeded" if next_input is None else "advanced"), {}
+        return ("succeeded" if done else "advanced"), {}
 
     def _fail(
         self,
@@ -332,20 +408,24 @@ class Worker(Service):
         cx: Context,
         claim: Claim,
         step: Step | None,
-        exc: Exception,
+        exc: BaseException,
     ) -> tuple[str, dict[str, Any]]:
         """Roll back the step's writes, then record the failed (or timed-out) try: retry
-        later or give up. The task row's ``max_attempts`` decides, as it does for crashes
-        and lost leases."""
+        later or give up, as the step's policy says of this error. The task row's
+        ``max_attempts`` decides how many tries, as it does for crashes and lost leases."""
         retry = (
             not isinstance(exc, Fatal)
             and step is not None
-            and step.retry.should_retry(claim.attempt, claim.max_attempts)
+            and step.retry.should_retry(claim.attempt, claim.max_attempts, exc)
         )
         delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
-        error = f"{type(exc).__name__}: {exc}"
+        error = clean_text(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
+        trace = clean_text(
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            MAX_TRACEBACK_CHARS,
+        )
         with conn.cursor() as cur:
-            if cx.in_transaction:
+            if cx.in_transaction and not cx.ended_its_transaction():
                 store.rollback(cur)
             state = store.record_failure(
                 cur,
@@ -353,7 +433,7 @@ class Worker(Service):
                 retry=retry,
                 delay=delay,
                 error=error,
-                traceback=traceback.format_exc(),
+                traceback=trace,
                 outcome="timed_out" if isinstance(exc, StepTimeout) else "failed",
             )
             if state is None:
@@ -361,10 +441,10 @@ class Worker(Service):
             if state == "pending" or claim.serial_queue:
                 store.notify(cur)
         if state == "pending":
-            return "retrying", {"error": error, "delay": delay}
+            return "retrying", {"error": error, "delay": delay, "trace": trace}
         if state == "cancelled":
-            return "cancelled", {"error": error}
-        return "failed", {"error": error}
+            return "cancelled", {"error": error, "trace": trace}
+        return "failed", {"error": error, "trace": trace}
 
     def give_back_orphans(self) -> None:
         """After a reconnect (or at a stop), release the tasks held when the connection
@@ -388,6 +468,7 @@ class Worker(Service):
         duration: float | None = None,
         error: str | None = None,
         delay: float | None = None,
+        trace: str | None = None,
     ) -> None:
         step_name = step.name if step else "?"
         message = "task %s: job=%s task_id=%s step=%s(%s) attempt=%s/%s"
@@ -419,6 +500,10 @@ class Worker(Service):
                 "task_id": claim.id,
                 "job": claim.job,
                 "step": claim.step,
+                "step_name": step_name,
                 "attempt": claim.attempt,
+                "duration_ms": None if duration is None else round(duration * 1000, 3),
+                "error": error,
+                "error_traceback": trace,
             },
         )

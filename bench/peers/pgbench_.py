@@ -44,7 +44,7 @@ def script() -> str:
 
     # underway's completion, with its claim of a next task turned off (no jobs).
     complete = QUERIES["complete_task"].replace("%(jobs)s", "'{}'::text[]")
-    complete = complete.replace("%(next_token)s", "0")
+    complete = complete.replace("%(next_token)s", "0").replace("%(output)s", "NULL")
     return (
         "\\set token random(1, 9000000000000000000)\n"
         "BEGIN;\n"
