@@ -19,9 +19,16 @@ setup(
         "croniter>=2.0",
         "python-dateutil>=2.8",
     ],
+    entry_points={"console_scripts": ["underway = underway.cli:main"]},
     extras_require={
         # An embedded PostgreSQL for the examples and the test suite; never needed at run time.
         "embedded": ["pgserver>=0.1.4"],
+        # The dashboard: python -m underway.web, or underway.web.create_app() in your app.
+        "web": ["flask>=2.2"],
+        # Prometheus metrics: --metrics-port on the supervisor, /metrics on the dashboard.
+        "metrics": ["prometheus-client>=0.17"],
+        # OpenTelemetry spans for each enqueue and each try of a step.
+        "otel": ["opentelemetry-api>=1.20"],
         # The optional SQLAlchemy integration and the Flask example app.
         "flask": ["flask>=2.2", "sqlalchemy>=2.0", "gunicorn>=21"],
         "test": [
@@ -33,6 +40,10 @@ setup(
             "flask>=2.2",
             "sqlalchemy>=2.0",
             "gunicorn>=21",
+            "selenium>=4.10",
+            "prometheus-client>=0.17",
+            "opentelemetry-api>=1.20",
+            "opentelemetry-sdk>=1.20",
         ],
         # bench/: the peers measured side by side with underway, and the chart.
         "bench": [
