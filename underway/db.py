@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import select
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -54,16 +55,58 @@ def resolve_dsn(dsn: str | None = None) -> str:
     return found
 
 
-_PASSWORD_IN_URI = re.compile(r"(://[^:/@]*:)[^@/]*@")
 _PASSWORD_IN_QUERY = re.compile(r"([?&]password=)[^&]*", re.I)
 _PASSWORD_IN_KEYWORDS = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|(?:\\.|\S)+)", re.I)
 
 
 def redact_dsn(dsn: str) -> str:
-    """The DSN with any password replaced by ``***``, fit for logs and error messages."""
-    if "://" in dsn:
-        return _PASSWORD_IN_QUERY.sub(r"\1***", _PASSWORD_IN_URI.sub(r"\1***@", dsn))
-    return _PASSWORD_IN_KEYWORDS.sub(r"\1***", dsn)
+    """The DSN with any password replaced by ``***``, fit for logs and error messages.
+
+    In a URI the password is everything from the first ``:`` of the user part to the
+    *last* ``@`` before the query string, so that one with an unencoded ``/`` or ``@``
+    (which libpq would misread, and echo in its errors) is hidden whole."""
+    if "://" not in dsn:
+        return _PASSWORD_IN_KEYWORDS.sub(r"\1***", dsn)
+    scheme, _, rest = dsn.partition("://")
+    last_at = rest.rfind("@")
+    if last_at > 0 and "=" not in rest[:last_at]:
+        split = last_at  # an unencoded "?" in the password, before the host
+    else:
+        split = rest.partition("?")[0].rfind("@")
+    userinfo = rest[:split] if split > 0 else ""
+    if ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***{rest[split:]}"
+    return _PASSWORD_IN_QUERY.sub(r"\1***", f"{scheme}://{rest}")
+
+
+HIDDEN_DSN_ENV = "UNDERWAY_HIDDEN_DSN"
+"""Where a long-running command moves a ``--dsn`` given on its command line."""
+
+
+def hide_dsn_argument(module: str, argv: list[str]) -> None:
+    """If ``argv`` (a ``python -m module`` command line) carries ``--dsn``, start this
+    process again without it, the DSN passed in an environment variable instead: a
+    command line is readable by every user of the host (``ps``), the environment is not.
+    The pid stays the same. Returns only when there was no ``--dsn``."""
+    rest, dsn = [], None
+    args = iter(argv)
+    for arg in args:
+        if arg == "--dsn":
+            dsn = next(args, None)
+        elif arg.startswith("--dsn="):
+            dsn = arg[len("--dsn=") :]
+        else:
+            rest.append(arg)
+    if dsn is None:
+        return
+    env = dict(os.environ, **{HIDDEN_DSN_ENV: dsn})
+    os.execve(sys.executable, [sys.executable, "-m", module, *rest], env)
+
+
+def hidden_dsn() -> str | None:
+    """The DSN :func:`hide_dsn_argument` moved out of the command line, taken out of the
+    environment (so that the processes this one starts do not inherit it)."""
+    return os.environ.pop(HIDDEN_DSN_ENV, None)
 
 
 # Connection settings that keep a worker from hanging on a dead network path: give up

@@ -51,12 +51,14 @@ FROM underway.claim_task(%(jobs)s, %(token)s, %(lease)s);
 -- How long until the next pending task of these jobs is due; NULL when there is none.
 -- Tasks due for a while are left out: none was ready at the claim just before, so they
 -- wait for their queue (paused or serial), and a resume or a finished serial task wakes
--- workers with NOTIFY.
-SELECT extract(epoch FROM run_at - now())::float8
-FROM underway.task
-WHERE state = 'pending' AND job = ANY (%(jobs)s) AND run_at > now() - interval '0.25 s'
-ORDER BY run_at
-LIMIT 1;
+-- workers with NOTIFY. Also the session's backend pid: a worker behind a transaction-
+-- pooling proxy sees it change, and must say so (it would miss its notifications).
+SELECT (SELECT extract(epoch FROM run_at - now())::float8
+        FROM underway.task
+        WHERE state = 'pending' AND job = ANY (%(jobs)s) AND run_at > now() - interval '0.25 s'
+        ORDER BY run_at
+        LIMIT 1),
+       pg_backend_pid();
 
 -- name: complete_task
 -- Mark the claimed task succeeded and record the try, fenced on the claim token; in the

@@ -259,10 +259,12 @@ def claimable(cur: Cursor, jobs: Sequence[str]) -> bool:
         rollback(cur)
 
 
-def seconds_until_due(cur: Cursor, jobs: Sequence[str]) -> float | None:
-    """Seconds until the next delayed task of ``jobs`` is due; ``None`` when there is none."""
+def seconds_until_due(cur: Cursor, jobs: Sequence[str]) -> tuple[float | None, int]:
+    """Seconds until the next delayed task of ``jobs`` is due (``None`` when there is none),
+    and the session's backend pid."""
     _run(cur, "seconds_until_due", {"jobs": jobs})
-    return _scalar(cur)
+    due, pid = cur.fetchone()
+    return due, pid
 
 
 def record_success(

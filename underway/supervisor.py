@@ -50,7 +50,7 @@ import psycopg2
 
 from . import logs, metrics
 from . import options as supervisor_options
-from .db import redact_dsn, resolve_dsn
+from .db import hidden_dsn, hide_dsn_argument, redact_dsn, resolve_dsn
 from .errors import UnderwayError
 from .job import Job, registered_jobs
 from .options import SupervisorOptions
@@ -509,7 +509,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m underway.supervisor``; returns the exit status."""
+    if argv is None:
+        hide_dsn_argument("underway.supervisor", sys.argv[1:])
     args = parse_args(argv)
+    args.dsn = args.dsn or hidden_dsn()
     logs.configure(args.log_format, args.log_level.upper())
     sys.path.insert(0, os.getcwd())
     try:

@@ -42,7 +42,7 @@ import psycopg2.extensions
 from . import metrics, store, tracing
 from .context import Context
 from .db import is_outage
-from .errors import Fatal, StepTimeout
+from .errors import ConfigurationError, Fatal, StepTimeout
 from .job import Job, Step, To
 from .records import Claim, Release
 from .service import Service
@@ -123,6 +123,8 @@ class Worker(Service):
         self._next: Claim | None = None
         self.clock = StepClock()
         self.tally = Tally()
+        #: The server session of this worker's connection, once connected.
+        self.backend_pid = 0
 
     def turn(self) -> None:
         """Run one ready task; with none ready, wait for one (or stop, in burst mode)."""
@@ -186,10 +188,10 @@ class Worker(Service):
         back the task held when the connection broke."""
         assert self.conn is not None
         with self.conn.cursor() as cur:
-            pid, started = store.session(cur)
+            self.backend_pid, started = store.session(cur)
             if self.async_commit:
                 store.set_async_commit(cur)
-        self.slots.post_session(self.slot, pid, started)
+        self.slots.post_session(self.slot, self.backend_pid, started)
         if self._orphans:
             self.give_back_orphans()
 
@@ -222,7 +224,14 @@ class Worker(Service):
     def wait(self) -> None:
         """Sleep until notified, until the next delayed task is due, or the poll interval."""
         with self.connect().cursor() as cur:
-            due = store.seconds_until_due(cur, self.job_names)
+            due, pid = store.seconds_until_due(cur, self.job_names)
+        if pid != self.backend_pid:
+            raise ConfigurationError(
+                f"the worker's statements ran in two server sessions ({self.backend_pid} and "
+                f"{pid}): it is behind a transaction-pooling proxy (PgBouncer with "
+                "pool_mode=transaction?). Workers LISTEN and are cleaned up by session: give "
+                "the supervisor a direct or session-pooled DSN; enqueue through the pool."
+            )
         timeout = self.poll_interval
         if due is not None:
             timeout = min(timeout, max(due, 0.005))

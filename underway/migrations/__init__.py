@@ -62,7 +62,11 @@ def run_migrations(dsn: str | None = None) -> list[int]:
         with conn.cursor() as cur:
             cur.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
             try:
-                cur.execute(BOOTSTRAP_SQL)
+                # Only a fresh database is bootstrapped: an up-to-date one needs no CREATE
+                # privilege, so a role that may only use the schema can check it.
+                cur.execute("SELECT to_regclass('underway.migration') IS NULL")
+                if cur.fetchone()[0]:
+                    cur.execute(BOOTSTRAP_SQL)
                 cur.execute("SELECT version FROM underway.migration")
                 done = {row[0] for row in cur.fetchall()}
                 for migration in migrations():
