@@ -5,13 +5,16 @@ Every test passes its own "now"; nothing reads the wall clock.
 
 from __future__ import annotations
 
+import random
 import re
+import time
 from datetime import date, datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
 
 import pytest
 from croniter import croniter
 
+from underway import cron
 from underway.cron import ZonedSchedule
 
 UTC = timezone.utc
@@ -633,3 +636,147 @@ def test_error_message_example_from_the_docs() -> None:
     with pytest.raises(ValueError) as info:
         ZonedSchedule.parse("61 * * * *")
     assert re.match(r"^bad cron expression '61 \* \* \* \*': ", str(info.value))
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile texts (issue #14): every input is refused or accepted within milliseconds
+
+# Generous: a few milliseconds of work each; the backtracking parser took seconds to minutes.
+FAST = 0.25
+
+
+def timed_parse(text: str) -> tuple[float, ZonedSchedule | ValueError]:
+    """Parse ``text``; return the seconds taken and the schedule or the ValueError raised."""
+    start = time.perf_counter()
+    try:
+        outcome: ZonedSchedule | ValueError = ZonedSchedule.parse(text)
+    except ValueError as exc:
+        outcome = exc
+    return time.perf_counter() - start, outcome
+
+
+def test_length_bound() -> None:
+    limit = cron.MAX_SCHEDULE_LENGTH
+    assert limit == 1000
+    at_limit = "0 0 * * *" + " " * (limit - len("0 0 * * *[UTC]")) + "[UTC]"
+    assert len(at_limit) == limit
+    assert str(ZonedSchedule.parse(at_limit)) == "0 0 * * *[UTC]"
+    over = at_limit + " "
+    with pytest.raises(ValueError, match=r"^schedule expression is too long \(1001 characters;"):
+        ZonedSchedule.parse(over)
+    with pytest.raises(ValueError, match=r"the limit is 1000\): '0 0 \* \* \*  "):
+        ZonedSchedule.parse(over)
+    # The constructor's parts are bounded too.
+    with pytest.raises(ValueError, match=r"^cron expression is too long \(1001 characters;"):
+        ZonedSchedule("0 0 * * *" + " " * (limit - 8))
+    with pytest.raises(ValueError, match=r"^time zone is too long \(2000 characters; the limit"):
+        ZonedSchedule("0 0 * * *", "a/" * 1000)
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # The issue's example, and the same shape within the length bound.
+        ("*" + " " * 4000 + "[", r"too long"),
+        ("*" + " " * 900 + "[", r"malformed schedule"),
+        # Long runs of whitespace between fields.
+        ("0" + " " * 3000 + "0" + " " * 3000 + "* * *", r"too long"),
+        ("0" + " " * 450 + "0" + "\t" * 450 + "* * * * *", r"expected 5 fields .* got 7"),
+        ("0" + " " * 495 + "0" + "\n" * 495 + "* * ", r"expected 5 fields .* got 4"),
+        # Many brackets.
+        ("[" * 100_000, r"too long"),
+        ("]" * 100_000, r"too long"),
+        ("[]" * 50_000, r"too long"),
+        ("[" * 999, r"malformed schedule"),
+        ("[" + " " * 997 + "]]", r"malformed schedule"),
+        ("0 0 * * *" + "[ ]" * 330, r"malformed schedule"),
+        ("0 0 * * *" + " " * 980 + "][", r"malformed schedule"),
+        # 100k characters.
+        ("x" * 100_000, r"too long"),
+        ("1 " * 50_000, r"too long"),
+        ("* * * * *[" + "a/" * 50_000 + "]", r"too long"),
+        ("1-" * 495 + " * * * *", r"minute field"),
+        ("*/" * 495 + " * * * *", r"minute field"),
+        (",".join(["1"] * 496) + ",", r"expected 5 fields"),
+        # Whitespace-heavy zone parts.
+        ("0 0 * * *[" + " " * 5000 + "UTC" + " " * 5000 + "x", r"too long"),
+        ("0 0 * * *[" + " " * 490 + "UTC" + " " * 490 + "x", r"malformed schedule"),
+        ("0 0 * * *[" + "\t " * 494 + "[", r"malformed schedule"),
+        ("0 0 * * *[" + " " * 490 + "Mars/Olympus" + " " * 480 + "]", r"'Mars/Olympus'"),
+        ("0 0 * * *[" + "a/" * 494 + "!]", r"unknown time zone 'a/a/a/"),
+    ],
+    ids=lambda value: f"{len(value)}" if len(value) > 60 or "\n" in value else None,
+)
+def test_hostile_texts_are_refused_quickly(text: str, message: str) -> None:
+    elapsed, outcome = timed_parse(text)
+    assert isinstance(outcome, ValueError), outcome
+    assert re.search(message, str(outcome)), str(outcome)
+    assert elapsed < FAST
+    # The message names the bad part without repeating a huge input.
+    assert len(str(outcome)) < 2 * cron.MAX_SCHEDULE_LENGTH + 300
+
+
+@pytest.mark.timeout(5)
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0" + " " * 450 + "0" + " \t\n" * 150 + "* * *", "0 0 * * *[UTC]"),
+        (" " * 400 + "@daily" + " " * 400, "@daily[UTC]"),
+        ("0 0 * * *[" + " " * 490 + "Europe/Berlin" + " " * 480 + "]", "0 0 * * *[Europe/Berlin]"),
+        ("0 0 * * *" + " " * 985 + "[UTC]", "0 0 * * *[UTC]"),
+        (",".join(str(n % 60) for n in range(330)) + " * * * *", None),
+    ],
+    ids=lambda value: f"{len(value)}" if value and len(value) > 60 else None,
+)
+def test_long_valid_texts_are_accepted_quickly(text: str, expected: str | None) -> None:
+    elapsed, outcome = timed_parse(text)
+    assert isinstance(outcome, ZonedSchedule), outcome
+    if expected is not None:
+        assert str(outcome) == expected
+    assert elapsed < FAST
+
+
+@pytest.mark.timeout(20)
+def test_random_texts_up_to_the_bound_are_quick() -> None:
+    rng = random.Random(14)
+    # Half without brackets, so that croniter gets to see the long expressions too.
+    no_brackets = [*" \t\n*/-,0123456789HhRrLW#?@()MONJAxyz", "\u00a0"]
+    alphabets = [no_brackets, [*no_brackets, "[", "]", "Europe/Berlin"]]
+    slowest = 0.0
+    for n in range(300):
+        text = "".join(rng.choices(alphabets[n % 2], k=rng.randint(1, 1000)))
+        text = text[: cron.MAX_SCHEDULE_LENGTH]
+        elapsed, _outcome = timed_parse(text)
+        slowest = max(slowest, elapsed)
+    assert slowest < FAST
+
+
+# The pre-#14 parser, used on short texts only, where its backtracking is harmless.
+OLD_TEXT_RE = re.compile(
+    r"^\s*(?P<expr>[^\[\]]*?)\s*(?:\[\s*(?P<zone>[^\[\]]*?)\s*\])?\s*$", re.ASCII
+)
+
+
+def test_splitting_matches_the_old_regex() -> None:
+    pieces = ["0 0 * * *", "UTC", " ", "\t\n", "[", "]", "\u00a0"]
+    texts = [""]
+    for _ in range(4):
+        texts += [text + piece for text in texts for piece in pieces]
+    for text in dict.fromkeys(texts):
+        match = OLD_TEXT_RE.match(text)
+        _elapsed, outcome = timed_parse(text)
+        if match is None:
+            assert isinstance(outcome, ValueError), text
+            assert str(outcome).startswith("malformed schedule"), text
+            continue
+        try:
+            zone = match.group("zone")
+            expected = str(ZonedSchedule(match.group("expr"), "UTC" if zone is None else zone))
+        except ValueError as exc:
+            assert isinstance(outcome, ValueError), text
+            # The same complaint; only the quoted context may differ.
+            assert str(outcome).split("'")[0] == str(exc).split("'")[0], text
+            continue
+        assert isinstance(outcome, ZonedSchedule), (text, outcome)
+        assert str(outcome) == expected, text

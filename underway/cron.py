@@ -34,6 +34,9 @@ DST rule (cron's traditional one):
 Day-of-month and day-of-week combine as in standard cron: when both are restricted, a day
 matching either one matches. croniter's ``L``, ``W``, ``#`` and ``?`` are accepted; its hashed
 and random fields (``H``, ``R``) are not, since they are not deterministic schedules.
+
+Schedule texts are read from the database on every scheduler pass, so parsing is linear-time
+(no backtracking regex) and texts longer than :data:`MAX_SCHEDULE_LENGTH` are refused outright.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ from __future__ import annotations
 import copy
 import re
 from datetime import datetime, timedelta, timezone
+from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import CroniterBadDateError, croniter
 
-__all__ = ["ZonedSchedule"]
+__all__ = ["MAX_SCHEDULE_LENGTH", "ZonedSchedule"]
+
+#: The longest schedule text (``"CRON[Zone/Name]"``), cron expression or zone name accepted.
+#: Real schedules are a few dozen characters; the bound keeps croniter's work per text small.
+MAX_SCHEDULE_LENGTH: Final = 1000
 
 _ALIASES: dict[str, str] = {
     "@yearly": "0 0 1 1 *",
@@ -60,8 +68,11 @@ _ALIASES: dict[str, str] = {
 _FIELDS_5 = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _FIELDS_6 = ("second", *_FIELDS_5)
 
-# "expression" or "expression[Zone/Name]", whitespace tolerated around every part.
-_TEXT_RE = re.compile(r"^\s*(?P<expr>[^\[\]]*?)\s*(?:\[\s*(?P<zone>[^\[\]]*?)\s*\])?\s*$", re.ASCII)
+# What \s matched in the regex this module once split texts with: ASCII whitespace only, so
+# that e.g. a no-break space stays in the expression and is refused there as non-ASCII.
+_SPACE = " \t\n\r\f\v"
+# Every regex below is anchored and unambiguous (no two ways to match the same text), so it
+# runs in linear time even when it fails; its inputs are also bounded by MAX_SCHEDULE_LENGTH.
 # IANA names are slash-separated words; this rules out "..", absolute paths and file names.
 _ZONE_RE = re.compile(r"^[A-Za-z0-9_+-]+(?:/[A-Za-z0-9_+-]+)*$")
 # croniter's hashed/random values ("H", "H/15", "R(0-29)"), which we refuse.
@@ -88,6 +99,7 @@ class ZonedSchedule:
         """Validate ``expression`` (no ``[zone]`` suffix) and ``zone``; raise ValueError if bad."""
         if not isinstance(expression, str):
             raise TypeError(f"cron expression must be a str, not {type(expression).__name__}")
+        _check_length("cron expression", expression)
         if isinstance(zone, ZoneInfo):
             if not zone.key:
                 raise ValueError("a ZoneInfo loaded from a file has no IANA name; pass its key")
@@ -101,10 +113,8 @@ class ZonedSchedule:
         """Parse ``"<cron>"`` or ``"<cron>[Zone/Name]"``; raise ValueError naming the bad part."""
         if not isinstance(text, str):
             raise TypeError(f"schedule must be a str, not {type(text).__name__}")
-        match = _TEXT_RE.match(text)
-        if match is None:
-            raise ValueError(f"malformed schedule {text!r}: expected 'CRON' or 'CRON[Zone/Name]'")
-        expression, zone_name = match.group("expr"), match.group("zone")
+        _check_length("schedule expression", text)
+        expression, zone_name = _split_schedule(text)
         if zone_name is None:
             return cls(expression)
         return cls(expression, _load_zone(zone_name, text))
@@ -274,10 +284,40 @@ class ZonedSchedule:
         return high
 
 
+def _check_length(what: str, text: str) -> None:
+    """Refuse ``text`` when it is longer than MAX_SCHEDULE_LENGTH, before any other work."""
+    if len(text) > MAX_SCHEDULE_LENGTH:
+        raise ValueError(
+            f"{what} is too long ({len(text)} characters; the limit is {MAX_SCHEDULE_LENGTH}):"
+            f" {text[:40]!r}..."
+        )
+
+
+def _split_schedule(text: str) -> tuple[str, str | None]:
+    """Split ``"CRON"`` or ``"CRON[Zone]"`` into (cron, zone or None), stripping whitespace.
+
+    Plain string scans, each linear in the text; a backtracking regex took minutes on
+    inputs like ``"*" + " " * 4000 + "["``.
+    """
+    open_at, close_at = text.find("["), text.find("]")
+    if open_at < 0 and close_at < 0:
+        return text.strip(_SPACE), None
+    if (
+        open_at < 0
+        or close_at < open_at
+        or text.count("[") != 1
+        or text.count("]") != 1
+        or text[close_at + 1 :].strip(_SPACE)
+    ):
+        raise ValueError(f"malformed schedule {text!r}: expected 'CRON' or 'CRON[Zone/Name]'")
+    return text[:open_at].strip(_SPACE), text[open_at + 1 : close_at].strip(_SPACE)
+
+
 def _load_zone(name: str, context: str) -> ZoneInfo:
     """Load an IANA zone; raise ValueError quoting ``context`` when it is not one."""
     if not isinstance(name, str):
         raise TypeError(f"time zone must be a str or ZoneInfo, not {type(name).__name__}")
+    _check_length("time zone", name)
     name = name.strip()
     if not name:
         raise ValueError(f"empty time zone in {context!r}")
