@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from underway import cli, migrations, supervisor
+from underway import cli, migrations, run
 
 from .helpers import REPO_ROOT, run_python
 
@@ -139,7 +139,7 @@ def test_quoted_samples_match_their_files(block: Block) -> None:
 
 
 PARSERS = {
-    "underway.supervisor": supervisor.parse_args,
+    "underway.supervisor": run.parse_args,
     "underway.admin": cli.parse_args,
 }
 

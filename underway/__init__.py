@@ -51,10 +51,11 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # run_workers lives in underway.supervisor, which `python -m underway.supervisor` runs
-    # as __main__: importing it here, eagerly, would load it twice.
+    # run_workers lives in underway.run, which imports underway.supervisor: the module that
+    # `python -m underway.supervisor` runs as __main__. Importing it here, eagerly, would
+    # load it twice.
     if name == "run_workers":
-        from .supervisor import run_workers
+        from .run import run_workers
 
         return run_workers
     # underway.admin runs as __main__ for `python -m underway.admin`: loaded on demand.
