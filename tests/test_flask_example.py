@@ -42,10 +42,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def gunicorn(dsn: str) -> Iterator[str]:
+def gunicorn(dsn: str, env: dict[str, str] | None = None) -> Iterator[str]:
     """``gunicorn --workers 2 'app:create_app()'`` (sync workers) on a free port, run from
-    the example's directory with ``DATABASE_URL=dsn``; yields its base URL once it listens,
-    and stops its whole process group afterwards."""
+    the example's directory with ``DATABASE_URL=dsn`` (and ``env``); yields its base URL
+    once it listens, and stops its whole process group afterwards."""
     port = free_port()
     args = ["-m", "gunicorn", "--workers", "2", "--worker-class", "sync"]
     args += ["--bind", f"127.0.0.1:{port}", "app:create_app()"]
@@ -53,7 +53,7 @@ def gunicorn(dsn: str) -> Iterator[str]:
         proc = subprocess.Popen(
             [sys.executable, *args],
             cwd=FLASK_APP,
-            env=subprocess_env({"DATABASE_URL": dsn}),
+            env=subprocess_env({"DATABASE_URL": dsn, **(env or {})}),
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -167,3 +167,52 @@ def test_signups_commit_with_their_email_and_roll_back_without(dsn: str) -> None
     # and were then rolled back with the user (a 409 fails before its enqueue).
     sequence = scalar(dsn, "SELECT pg_get_serial_sequence('underway.task', 'id')")
     assert scalar(dsn, f"SELECT last_value FROM {sequence}") == len(committed) + len(failing)
+
+
+@pytest.mark.timeout(90)
+def test_the_dashboard_is_mounted_at_underway(dsn: str) -> None:
+    """The example serves underway's dashboard at /underway through gunicorn: read-only
+    without UNDERWAY_WEB_PASSWORD (no forms, POSTs refused); with it, every page asks for
+    the password, and a form served by one gunicorn worker is accepted by either (the
+    session key derives from the password). Pages, assets and redirects stay under
+    /underway, and the app's own routes still answer."""
+    from .web_helpers import http
+
+    init = run_python(
+        ["-m", "flask", "--app", "app", "init-db"], env={"DATABASE_URL": dsn}, cwd=FLASK_APP
+    )
+    assert init.returncode == 0, init.stdout + init.stderr
+    web_env = {"UNDERWAY_WEB_PASSWORD": "", "UNDERWAY_WEB_SECRET_KEY": ""}
+    welcome_task = scalar(
+        dsn, "SELECT underway.enqueue('signup-welcome-email', '{\"user_id\": 1}')"
+    )
+    with gunicorn(dsn, env=web_env) as base_url:
+        page = http(f"{base_url}/underway/")
+        assert page.status == 200 and "read-only" in page.text
+        assert 'href="/underway/static/underway.css' in page.text
+        assert 'method="post"' not in page.text
+        assert http(f"{base_url}/underway/static/underway.css").status == 200
+        task_page = http(f"{base_url}/underway/tasks/{welcome_task}")
+        assert task_page.status == 200 and "signup-welcome-email" in task_page.text
+        assert http(f"{base_url}/underway/actions/cancel", {"id": welcome_task}).status == 403
+        assert http(f"{base_url}/underway/healthz").text == "ok\n"
+        assert post(f"{base_url}/signup", {"email": "a@example.com", "name": "A"})[0] == 201
+
+    password = "example password"
+    with gunicorn(dsn, env={**web_env, "UNDERWAY_WEB_PASSWORD": password}) as base_url:
+        assert http(f"{base_url}/underway/").status == 401
+        page = http(f"{base_url}/underway/tasks/{welcome_task}", password=password)
+        assert page.status == 200 and 'action="/underway/actions/cancel"' in page.text
+        token = page.text.split('name="csrf_token" value="')[1].split('"')[0]
+        cookie = page.headers["Set-Cookie"].split(";")[0]
+        for attempt in range(4):  # whichever of the two workers answers
+            reply = http(
+                f"{base_url}/underway/actions/cancel",
+                {"id": welcome_task, "csrf_token": token, "next": f"/tasks/{welcome_task}"},
+                headers={"Cookie": cookie},
+                password=password,
+            )
+            assert reply.status == 303, (attempt, reply.text)
+            assert reply.headers["Location"].endswith(f"/underway/tasks/{welcome_task}")
+    state = scalar(dsn, "SELECT state::text FROM underway.task WHERE id = %s", (welcome_task,))
+    assert state == "cancelled"

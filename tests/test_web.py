@@ -313,3 +313,28 @@ def test_chart_shows_a_minute_on_hover(browser: Any, dsn: str, site: str) -> Non
     tip = browser.find_element(By.CSS_SELECTOR, ".chart .tooltip")
     wait(browser, lambda d: tip.is_displayed())
     assert tip.text.endswith("UTC: 42 succeeded, 1 retried, 3 failed")
+
+
+def test_the_flask_example_serves_the_dashboard_at_its_mount(browser: Any, dsn: str) -> None:
+    """examples/flask_app under gunicorn shows the dashboard at /underway: styled, its
+    navigation and search staying under the mount, no console error."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from .test_flask_example import gunicorn
+
+    task_id = web_jobs.emails.enqueue({"user_id": 5, "name": "Barbara"}).id
+    env = {"UNDERWAY_WEB_PASSWORD": "", "UNDERWAY_WEB_SECRET_KEY": ""}
+    with gunicorn(dsn, env=env) as base_url:
+        browser.get(base_url + "/underway/")
+        assert browser.find_element(By.TAG_NAME, "h1").text == "Overview"
+        topbar = browser.find_element(By.CSS_SELECTOR, ".topbar")
+        assert topbar.value_of_css_property("background-color") == "rgba(17, 24, 39, 1)"
+        browser.find_element(By.LINK_TEXT, "Tasks").click()
+        wait(browser, lambda d: d.current_url == f"{base_url}/underway/tasks")
+        box = browser.find_element(By.CSS_SELECTOR, ".topbar input[name=id]")
+        box.send_keys(str(task_id), Keys.ENTER)
+        wait(browser, lambda d: d.current_url == f"{base_url}/underway/tasks/{task_id}")
+        assert "send-welcome-email" in browser.find_element(By.TAG_NAME, "h1").text
+        assert browser_errors(browser) == []
+        browser.get("about:blank")

@@ -5,6 +5,7 @@ a paused queue, an hour of throughput, a supervisor with busy workers, schedules
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import shutil
@@ -290,17 +291,22 @@ def hour_of_throughput(dsn: str) -> None:
     for ago in range(60):
         base = 140 + 90 * math.sin(ago / 9) + (180 if 18 <= ago <= 24 else 0)
         failed = 14 if 33 <= ago <= 36 else (ago * 7) % 4
-        rows.append((ago, int(base), failed, (ago * 5) % 6))
-    for queue, share in (("emails", 0.5), ("webhooks", 0.35), ("billing", 0.15)):
-        for ago, succeeded, failed, retried in rows:
-            sql(
-                dsn,
-                """INSERT INTO underway.minute_stat (minute, queue, job, succeeded, failed, retried)
-                   VALUES (date_trunc('minute', now()) - make_interval(mins => %s), %s, %s,
-                           %s, %s, %s)
-                   ON CONFLICT DO NOTHING""",
-                (ago, queue, queue, int(succeeded * share), failed if share < 0.4 else 0, retried),
-            )
+        for queue, share in (("emails", 0.5), ("webhooks", 0.35), ("billing", 0.15)):
+            rows.append((ago, queue, int(base * share), failed if share < 0.4 else 0, ago % 6))
+    sql(
+        dsn,
+        """INSERT INTO underway.minute_stat (minute, queue, job, succeeded, failed, retried)
+           SELECT date_trunc('minute', now()) - make_interval(mins => r.ago), r.queue, r.queue,
+                  r.succeeded, r.failed, r.retried
+           FROM jsonb_to_recordset(%s::jsonb) AS r (
+               ago int, queue text, succeeded int, failed int, retried int)
+           ON CONFLICT DO NOTHING""",
+        (
+            json.dumps(
+                [dict(zip(("ago", "queue", "succeeded", "failed", "retried"), r)) for r in rows]
+            ),
+        ),
+    )
 
 
 def save_screenshot(driver: Any, name: str, full_page: bool = False) -> Path:

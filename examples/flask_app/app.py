@@ -9,6 +9,10 @@ directory::
     flask --app app init-db
     gunicorn --workers 4 'app:create_app()'          # the web app, sync workers
     python -m underway.supervisor jobs --workers 2   # the background workers
+
+The app also serves underway's dashboard at ``/underway``, mounted with werkzeug's
+``DispatcherMiddleware``. It is read-only unless ``UNDERWAY_WEB_PASSWORD`` is set, and
+then asks for that password: put your own login in front of it in a real app.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ from jobs import welcome
 from models import User, init_db, make_engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import scoped_session, sessionmaker
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+import underway.web
 
 
 def create_app(database_url: str | None = None) -> Flask:
@@ -57,4 +64,16 @@ def create_app(database_url: str | None = None) -> Flask:
         """Create underway's schema and the app's tables."""
         init_db(database_url)
 
+    mount_dashboard(app, database_url)
     return app
+
+
+def mount_dashboard(app: Flask, database_url: str) -> None:
+    """Serve underway's dashboard at /underway, beside the app's own routes. With several
+    gunicorn workers, give them one UNDERWAY_WEB_SECRET_KEY so any of them accepts the
+    dashboard's forms."""
+    password = os.environ.get("UNDERWAY_WEB_PASSWORD") or None
+    dashboard = underway.web.create_app(
+        dsn=database_url, read_only=password is None, password=password
+    )
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/underway": dashboard})  # type: ignore[method-assign]

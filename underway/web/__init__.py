@@ -56,12 +56,13 @@ def create_app(
     :param password: require HTTP basic auth with this password (any user name) on every
         page but ``/healthz``. Leave it out when your own app authenticates in front.
     :param secret_key: signs the session cookie that holds the CSRF token and the flash
-        messages. Default: ``$UNDERWAY_WEB_SECRET_KEY``, else a random key per process;
-        give the same one to every process when several serve the dashboard.
+        messages. Default: ``$UNDERWAY_WEB_SECRET_KEY``; else, with a password, a key
+        derived from it (so that every process serving the dashboard agrees); else a
+        random key per process.
     """
     target = resolve_dsn(dsn)
     app = Flask(__name__, static_folder="static", template_folder="templates")
-    app.secret_key = secret_key or os.environ.get(SECRET_KEY_ENV) or secrets.token_bytes(32)
+    app.secret_key = secret_key or os.environ.get(SECRET_KEY_ENV) or _derived_key(password)
     app.config["MAX_CONTENT_LENGTH"] = 64 * 1024
     app.jinja_env.undefined = StrictUndefined
     app.extensions["underway"] = Settings(
@@ -77,6 +78,13 @@ def create_app(
     app.register_error_handler(psycopg2.OperationalError, _database_error)
     app.register_error_handler(psycopg2.InterfaceError, _database_error)
     return app
+
+
+def _derived_key(password: str | None) -> bytes:
+    """A session key from the password (the same in every process), else a random one."""
+    if not password:
+        return secrets.token_bytes(32)
+    return hashlib.pbkdf2_hmac("sha256", password.encode(), b"underway.web session", 100_000)
 
 
 _ASSETS_VERSION = hashlib.sha256(
