@@ -372,9 +372,9 @@ def free_step(cx: Any, inp: Any) -> None:
 
 def measured(cx: Any, inp: Any) -> None:
     """Record the start and the end of the step's work at once (own connection, clock time),
-    sleeping ``inp['sleep']`` seconds between."""
+    sleeping ``inp['sleep']`` seconds between (``inp['then_sleep']`` on later tries)."""
     record_now(cx, inp["dsn"], "start")
-    time.sleep(inp.get("sleep", 0))
+    time.sleep(inp["sleep"] if cx.attempt == 1 else inp.get("then_sleep", inp["sleep"]))
     record_now(cx, inp["dsn"], "end")
 
 
