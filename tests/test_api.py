@@ -459,6 +459,36 @@ def test_retry_of_a_task_not_failed_raises_and_retries_nothing(adsn, make_worker
     assert admin.retry([failed.id, failed.id]) == [failed.id]
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="retry_tasks puts a failed task back to 'pending' with its job key while a newer "
+    "task holds that key: the unique key index raises a raw psycopg2 UniqueViolation from "
+    "task.retry()/admin.retry instead of a clear UnderwayError (or retrying without the key)",
+)
+@pytest.mark.timeout(30)
+def test_retry_of_a_keyed_task_whose_key_another_task_now_holds(adsn, make_worker):
+    """A task with job key 'k' fails; a new task with key 'k' is enqueued (the failed one no
+    longer holds it). Retrying the failed one must either be refused with an UnderwayError
+    that changes nothing, or put it back without taking the key from the new task; never
+    a raw database error, and never two holders of the key."""
+    w = make_worker()
+    flag(adsn)
+    old = ja.flaky.enqueue({"n": 1}, key="k")
+    run_all(w, adsn)
+    assert old.status() is TaskState.FAILED
+    new = ja.flaky.enqueue({"n": 2}, key="k", delay=3600)
+    assert new.id != old.id
+    try:
+        old.retry()
+    except UnderwayError:
+        assert old.status() is TaskState.FAILED
+    holders = query(
+        adsn,
+        "SELECT id FROM underway.task WHERE key = 'k' AND state IN ('pending', 'running')",
+    )
+    assert holders == [(new.id,)]
+
+
 # == retry filters and jitter ===============================================================
 
 
