@@ -102,6 +102,61 @@ def test_a_valid_post_acts_and_redirects_back_with_a_message(dsn: str, site: str
         assert "evil" not in reply.headers["Location"], hostile
 
 
+def test_abort_redrive_and_refusals_say_what_happened(dsn: str, site: str) -> None:
+    """Abort on a running task asks its supervisor to end the step; re-drive puts one
+    dead letter, then all the rest, back to pending; retrying a task that is not failed,
+    or cancelling a finished one, changes nothing and says why."""
+    from underway.testing import drain
+
+    web_jobs.billing.enqueue_many([{"invoice": i, "amount": 1000 + i} for i in range(3)])
+    drain([web_jobs.billing], dsn=dsn)
+    dead = [i for (i,) in sql(dsn, "SELECT id FROM underway.task ORDER BY id")]
+    running = web_jobs.emails.enqueue({"user_id": 9, "name": "Joan"}).id
+    sql(dsn, "UPDATE underway.task SET state = 'running', attempts = 1 WHERE id = %s", (running,))
+    session = Session(site)
+
+    def said(reply: Reply) -> str:
+        assert reply.status == 303, reply.text
+        session.cookie = _updated(session.cookie, reply)
+        page = session.get("/failures")
+        session.cookie = _updated(session.cookie, page)  # the flash, shown, is gone
+        return re.search(
+            r'<div class="flash flash-(\w+)" role="status">([^<]*)</div>', page.text
+        ).groups()
+
+    reply = session.post("cancel", {"id": running, "abort": "1"})
+    assert said(reply) == (
+        "ok",
+        f"Task {running}: requested — its supervisor ends the running step now (abort).",
+    )
+    assert sql(
+        dsn, "SELECT abort_requested_at IS NOT NULL FROM underway.task WHERE id = %s", (running,)
+    ) == [(True,)]
+
+    reply = session.post("redrive", {"queue": "billing-dead", "id": dead[0]})
+    assert said(reply) == (
+        "ok",
+        f"Re-drove 1 task(s) from dead-letter queue &#39;billing-dead&#39;: {dead[0]}.",
+    )
+    reply = session.post("redrive", {"queue": "billing-dead"})
+    assert said(reply)[1].startswith("Re-drove 2 task(s)")
+    states = sql(dsn, "SELECT state::text FROM underway.task WHERE id = ANY(%s)", (dead,))
+    assert states == [("pending",)] * 3
+
+    reply = session.post("retry", {"id": dead[0]})
+    assert said(reply) == (
+        "error",
+        f"Task {dead[0]}: nothing retried: task {dead[0]} is pending, not failed",
+    )
+    sql(dsn, "UPDATE underway.task SET state = 'succeeded' WHERE id = %s", (dead[1],))
+    reply = session.post("cancel", {"id": dead[1]})
+    assert said(reply) == (
+        "error",
+        f"Task {dead[1]}: finished — it had already finished; nothing changed.",
+    )
+    assert session.post("retry", {"id": "not a number"}).status == 400
+
+
 def _updated(cookie: str, reply: Reply) -> str:
     """The session cookie after a reply that may have set a new one."""
     new = reply.headers.get("Set-Cookie")
