@@ -53,6 +53,8 @@ def overview() -> str:
         page="overview",
         queues=queues,
         totals=totals,
+        max_lag=max((q.lag for q in queues if q.lag is not None), default=None),
+        paused=sum(1 for q in queues if q.paused),
         chart=throughput_chart(admin.throughput(minutes=60, conn=conn)),
         supervisors=supervisors,
         workers=len(workers),
