@@ -10,6 +10,7 @@ workers then provably share the work.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -116,3 +117,14 @@ held = Job("observe-held", queue="observe-paused")
 @held.step
 def never(cx: Any, inp: Any) -> None:
     record(cx)
+
+
+# -- a step that calls sys.exit(): a BaseException, which fails the try all the same ---------
+
+quits = Job("observe-quits", queue="observe", retry=RetryPolicy(max_attempts=1))
+
+
+@quits.step
+def leave(cx: Any, inp: Any) -> None:
+    record(cx)
+    sys.exit(3)

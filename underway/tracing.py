@@ -1,9 +1,14 @@
 """OpenTelemetry spans, when ``opentelemetry-api`` is installed (the ``[otel]`` extra).
 
-Each enqueue gets a span, and its W3C trace context (``traceparent``) is stored with the
-task; each try of a step gets a span whose parent is that enqueue span, so a trace shows a
-web request, the task it enqueued, and every try of every step of that task. Without the
-package, or without a tracer provider configured, all of this costs nothing.
+Each enqueue gets a span, child of whatever span is current (a web request, say), and its
+W3C trace context (``traceparent``) is stored with the task; each try of a step gets a span
+whose parent is that enqueue span, so one trace shows the request, the task it enqueued,
+and every try of every step of that task, failed tries with error status and their
+exception. Without the package, or without a tracer provider configured (then no span is
+recorded and nothing is stored), all of this costs next to nothing.
+
+The context is always written and read as W3C ``traceparent``, whatever propagator the
+application configured for its own HTTP calls: it is a stored value, not a header.
 """
 
 from __future__ import annotations
@@ -13,11 +18,14 @@ from collections.abc import Iterator
 from typing import Any
 
 try:  # the optional [otel] extra
-    from opentelemetry import propagate, trace
+    from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 except ImportError:  # pragma: no cover - exercised by installs without the extra
     trace = None  # type: ignore[assignment]
 
 _TRACER_NAME = "underway"
+_PROPAGATOR: Any = TraceContextTextMapPropagator() if trace is not None else None
 
 
 def enabled() -> bool:
@@ -25,38 +33,91 @@ def enabled() -> bool:
     return trace is not None
 
 
-def current_context() -> str | None:
-    """The ``traceparent`` of an enqueue span started now under the caller's span, to
-    store with the task; ``None`` when OpenTelemetry is absent or nothing is traced."""
+def current_context(job: str | None = None, queue: str | None = None) -> str | None:
+    """The ``traceparent`` of an enqueue span started (and ended) now under the caller's
+    span, to store with the task; ``None`` when OpenTelemetry is absent or nothing is
+    traced. The span marks the moment of the enqueue: it ends before the task is
+    inserted, and stays in the trace even if the enqueue's transaction rolls back."""
     if trace is None:
         return None
+    attributes: dict[str, Any] = {}
+    if job is not None:
+        attributes["underway.job"] = job
+    if queue is not None:
+        attributes["underway.queue"] = queue
     tracer = trace.get_tracer(_TRACER_NAME)
-    with tracer.start_as_current_span("underway enqueue", kind=trace.SpanKind.PRODUCER):
+    name = f"underway enqueue {job}" if job else "underway enqueue"
+    with tracer.start_as_current_span(
+        name, kind=trace.SpanKind.PRODUCER, attributes=attributes
+    ) as span:
+        if not span.get_span_context().is_valid:
+            return None  # no tracer provider, and no trace to continue
         carrier: dict[str, str] = {}
-        propagate.inject(carrier)
+        _PROPAGATOR.inject(carrier)
     return carrier.get("traceparent")
 
 
 @contextlib.contextmanager
 def step_span(
-    traceparent: str | None, job: str, step: str, task_id: int, attempt: int
+    traceparent: str | None,
+    job: str,
+    step: str,
+    task_id: int,
+    attempt: int,
+    *,
+    queue: str | None = None,
 ) -> Iterator[Any]:
     """A span around one try of a step, child of the enqueue span whose context the task
-    carries; it records the step's exception, if any."""
+    carries (a root span when it carries none, or one that cannot be read). Whatever the
+    step raises (``SystemExit`` and timeouts included) is recorded on it, with error
+    status, and raised on."""
     if trace is None:
         yield None
         return
-    parent = propagate.extract({"traceparent": traceparent}) if traceparent else None
+    parent = _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+    attributes: dict[str, Any] = {
+        "underway.job": job,
+        "underway.step": step,
+        "underway.task_id": task_id,
+        "underway.attempt": attempt,
+    }
+    if queue is not None:
+        attributes["underway.queue"] = queue
     tracer = trace.get_tracer(_TRACER_NAME)
     with tracer.start_as_current_span(
         f"underway step {job}.{step}",
         context=parent,
         kind=trace.SpanKind.CONSUMER,
-        attributes={
-            "underway.job": job,
-            "underway.step": step,
-            "underway.task_id": task_id,
-            "underway.attempt": attempt,
-        },
+        attributes=attributes,
+        # Ours to do: OpenTelemetry's own leaves out BaseExceptions, as StepTimeout is.
+        record_exception=False,
+        set_status_on_exception=False,
     ) as span:
-        yield span
+        try:
+            yield span
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            step_failed(span, exc)
+            raise
+
+
+def step_failed(span: Any, exc: BaseException) -> None:
+    """Mark a step's span (from :func:`step_span`, still open) as failed by ``exc``: for
+    failures the worker decides itself, after the step returned."""
+    if trace is None or span is None or not span.is_recording():
+        return
+    span.record_exception(exc)
+    span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+
+
+def flush(timeout: float = 5.0) -> None:
+    """Export the spans a batching span processor still holds, waiting at most
+    ``timeout`` seconds: for a worker process about to exit without running ``atexit``
+    handlers (the supervisor's children end with ``os._exit``)."""
+    if trace is None:
+        return
+    force_flush = getattr(trace.get_tracer_provider(), "force_flush", None)
+    if force_flush is not None:
+        with contextlib.suppress(Exception):
+            force_flush(int(timeout * 1000))
