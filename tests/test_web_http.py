@@ -258,7 +258,7 @@ def test_mounted_under_a_prefix_everything_stays_under_it(dsn: str) -> None:
     from flask import Flask
     from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
-    host = Flask("host")
+    host = Flask(__name__)
     host.add_url_rule("/", "home", lambda: "host home")
     board = create_app(dsn=dsn)
     host.wsgi_app = DispatcherMiddleware(host.wsgi_app, {"/ops/underway": board})  # type: ignore[method-assign]
