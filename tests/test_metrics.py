@@ -6,6 +6,7 @@ worker process ran it.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -93,11 +94,14 @@ def served(dsn: str, *args: str, workers: int = 2) -> Iterator[tuple[Supervisor,
         ["jobs_observe"], dsn, ["--workers", str(workers), "--metrics-port", str(port), *args]
     )
     with sup:
-        wait_until(lambda: _answers(port), timeout=15, message=f"metrics on port {port}: {sup!r}")
-        wait_until(lambda: len(sup.worker_pids()) == workers + 1, message="workers started")
-        yield sup, port
-        sup.signal(signal.SIGTERM)
-        assert sup.wait(30) == 0, sup
+        try:
+            wait_until(lambda: _answers(port), timeout=15, message=f"metrics on {port}: {sup!r}")
+            wait_until(lambda: len(sup.worker_pids()) == workers + 1, message="workers started")
+            yield sup, port
+        finally:  # even after a failure: a SIGKILLed supervisor leaves its directory behind
+            sup.signal(signal.SIGTERM)
+            status = sup.wait(30)
+        assert status == 0, sup
 
 
 def _answers(port: int) -> bool:
@@ -358,3 +362,41 @@ def test_hooks_cost_next_to_nothing_while_disabled() -> None:
     empty = per_call("nothing('job', 0.1)")
     assert per_call("metrics.task_started('job', 0.1)") - empty < 1e-6
     assert per_call("metrics.task_finished('job', 'step', 'succeeded', 0.1)") - empty < 1e-6
+
+
+FORKED = """
+import json, os, tempfile
+from prometheus_client import Gauge, generate_latest
+from underway import metrics
+
+directory = tempfile.mkdtemp()
+metrics.enable(directory)
+pid = os.fork()
+if pid == 0:  # a worker: counts, and sets a live gauge of its own (as a job module might)
+    metrics.task_started("forked", 0.5)
+    Gauge("my_busy", "Busy workers.", multiprocess_mode="livesum").set(1)
+    os._exit(0)
+os.waitpid(pid, 0)
+before = sorted(os.listdir(directory))
+metrics.worker_exited(pid)
+after = sorted(os.listdir(directory))
+text = generate_latest(metrics._ProcessesCollector(directory)).decode()
+print(json.dumps({"pid": pid, "before": before, "after": after, "text": text}))
+"""
+
+
+def test_a_forked_process_counts_in_its_own_file_kept_after_it_exits() -> None:
+    """A process forked after enable() counts into files named by its own pid (the pid is
+    refreshed at each fork, not asked of the kernel on every update); once it is gone,
+    worker_exited(pid) removes its live gauges' file and keeps its counters, still summed."""
+    done = run_python(["-c", FORKED], timeout=30)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    pid = found["pid"]
+    assert {f"counter_{pid}.db", f"histogram_{pid}.db", f"gauge_livesum_{pid}.db"} <= set(
+        found["before"]
+    )
+    assert set(found["before"]) - set(found["after"]) == {f"gauge_livesum_{pid}.db"}
+    samples = parse(found["text"])
+    assert samples[key("underway_tasks_started_total", job="forked")] == 1
+    assert samples[key("underway_pickup_latency_seconds_count", job="forked")] == 1
