@@ -140,6 +140,16 @@ def misbehave(cx: Any, inp: dict[str, Any]) -> Any:
     raise AssertionError(f"unknown how {how!r}")
 
 
+outsized = Job("hardening-outsized", retry=RetryPolicy(max_attempts=ECHO_TRIES, initial_interval=0))
+
+
+@outsized.step
+def return_too_much(cx: Any, inp: Any) -> Any:
+    """Write an effect row (which must roll back), then return a result over 16 MiB."""
+    record(cx, inp)
+    return {"blob": "x" * (16 * 1024 * 1024)}
+
+
 # -- steps that commit the worker's transaction themselves ------------------------------------
 
 committer = Job("hardening-commit", retry=RetryPolicy(max_attempts=ECHO_TRIES, initial_interval=0))

@@ -46,7 +46,7 @@ DEEP = "[" * 3000 + "]" * 3000
 RESTART_WORDS = ("crashed", "restarting", "killed by", "exited with status")
 
 #: Jobs the in-process workers run.
-IN_PROCESS_JOBS = (jh.echo, jh.dlq_echo, jh.awkward, jh.committer)
+IN_PROCESS_JOBS = (jh.echo, jh.dlq_echo, jh.awkward, jh.committer, jh.outsized)
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
@@ -420,6 +420,9 @@ def test_timeouts_and_retry_intervals_out_of_bounds_are_refused_at_definition():
         from underway.job import unregister_job
 
         unregister_job("hardening-week")
+    with pytest.raises(ValueError, match=r"job 'hardening-forever'.*keep_for.*at most 100 years"):
+        Job("hardening-forever", keep_for=timedelta(days=365 * 1000))
+    assert "hardening-forever" not in registered_jobs()
     with pytest.raises(ValueError, match="initial_interval"):
         RetryPolicy(initial_interval=1e13)
     with pytest.raises(ValueError, match="max_interval"):
@@ -630,6 +633,19 @@ def test_input_over_16_mib_is_refused_before_anything_is_sent(hdsn):
 
 
 @pytest.mark.timeout(30)
+def test_result_over_16_mib_fails_the_task_at_once(hdsn, make_worker):
+    """A step returning a result over 16 MiB fails its task for good at the first try (no
+    retry can shrink it), naming the step, the size and the limit; its writes roll back."""
+    task = jh.outsized.enqueue({"n": 1})
+    run_all(make_worker())
+    state, attempts, error = state_of(hdsn, task.id)
+    assert (state, attempts) == ("failed", 1)
+    assert "result of step 'return_too_much' of 'hardening-outsized'" in error
+    assert f"the limit is {MAX_PAYLOAD_BYTES:,}" in error
+    assert jh.effects(hdsn, task.id) == []
+
+
+@pytest.mark.timeout(30)
 def test_enqueue_many_names_the_index_of_the_bad_input(hdsn):
     """enqueue_many refuses a batch with an input over 16 MiB, or one that is not JSON, by
     its index in the batch; none of the batch is written."""
@@ -755,6 +771,24 @@ def test_no_process_shows_the_password_of_dsn_in_ps(hdsn):
         sup.signal(signal.SIGTERM)
         assert sup.wait(20) == 0, sup
     assert secret not in sup.output()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(
+    strict=True,
+    reason="argparse takes '--ds' as an abbreviation of --dsn, but db.hide_dsn_argument only "
+    "moves '--dsn' and '--dsn=' out of the command line",
+)
+def test_an_abbreviated_dsn_option_is_hidden_from_ps_too(hdsn):
+    """``--ds DSN``, which the command line accepts for ``--dsn``, is kept out of ``ps``
+    as well."""
+    secret = "s3cret-pw-abbrev"
+    with_password = hdsn.replace("postgresql://postgres@", f"postgresql://postgres:{secret}@")
+    with Supervisor(["jobs_hardening"], hdsn, ["--workers", "1", "--ds", with_password]) as sup:
+        children(sup, 2)
+        cmdline = Path(f"/proc/{sup.pid}/cmdline").read_bytes().decode()
+        assert secret not in cmdline, cmdline
 
 
 # -- a step that commits through cx ------------------------------------------------------------
