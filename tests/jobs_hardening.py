@@ -17,6 +17,7 @@ import os
 import sys
 from typing import Any
 
+import psycopg2
 from jobs_common import sql
 
 from underway import Job, RetryPolicy
@@ -135,6 +136,14 @@ def misbehave(cx: Any, inp: dict[str, Any]) -> Any:
             # Careless: the transaction is now aborted, and the step returns.
             cur.execute("SELECT 1 / 0")
         return None
+    if how == "foreign-db":
+        # Another database the step talks to is down: its error is the step's, not an
+        # outage of the worker's own database.
+        psycopg2.connect("host=/nonexistent-underway-test dbname=elsewhere connect_timeout=1")
+    if how == "read-only":
+        with cx.cursor() as cur:
+            cur.execute("SET TRANSACTION READ ONLY")
+            cur.execute("CREATE TEMPORARY TABLE refused (x int)")
     if how == "ok":
         return None
     raise AssertionError(f"unknown how {how!r}")
