@@ -266,13 +266,15 @@ def _alive(dsn, backend):
 
 def _kill_busy_worker(dsn, sup, tmp_path, own, wait):
     """Start a step that holds lock ``own`` and waits for ``wait`` (held by the caller);
-    SIGKILL its worker mid-statement. Returns (task id, the dead worker's backend pid)."""
+    SIGKILL its worker mid-statement. Returns (task id, the dead worker's backend pid, that
+    backend's application_name)."""
     pidfile = tmp_path / f"worker-{own}.pid"
     task = jh.holder.enqueue({"pidfile": str(pidfile), "own": own, "wait": wait})
     backend = wait_until(lambda: _blocked_backend(dsn, wait), message=f"step blocked: {sup!r}")
+    name = scalar(dsn, "SELECT application_name FROM pg_stat_activity WHERE pid = %s", (backend,))
     worker = int(pidfile.read_text())
     os.kill(worker, signal.SIGKILL)
-    return task.id, backend
+    return task.id, backend, name
 
 
 @pytest.mark.slow
@@ -293,7 +295,7 @@ def test_dead_worker_cleanup_spares_another_hosts_session_of_the_same_name(hdsn,
                 with other_host.cursor() as cur:
                     cur.execute("SELECT pg_backend_pid()")
                     [(stranger,)] = cur.fetchall()
-                task, backend = _kill_busy_worker(hdsn, sup, tmp_path, 1402, wait)
+                task, backend, _ = _kill_busy_worker(hdsn, sup, tmp_path, 1402, wait)
                 wait_until(
                     lambda: not _alive(hdsn, backend), message=f"dead worker's session: {sup!r}"
                 )
@@ -323,10 +325,8 @@ def test_dead_worker_session_is_ended_when_the_dsn_names_the_application(hdsn, t
         wait = gate.hold(1403)
         with Supervisor(["jobs_hardening"], named, ["--workers", "1", "--no-scheduler"]) as sup:
             children(sup, 1)
-            task, backend = _kill_busy_worker(hdsn, sup, tmp_path, 1404, wait)
-            assert scalar(
-                hdsn, "SELECT application_name FROM pg_stat_activity WHERE pid = %s", (backend,)
-            ) in ("myapp", None)
+            task, backend, name = _kill_busy_worker(hdsn, sup, tmp_path, 1404, wait)
+            assert name == "myapp"
             wait_until(lambda: not _alive(hdsn, backend), message=f"session ended: {sup!r}")
             assert scalar(hdsn, "SELECT pg_try_advisory_lock(1404)") is True
             wait_until(lambda: task_row(hdsn, task)["state"] == "succeeded", message=repr(sup))

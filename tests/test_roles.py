@@ -194,7 +194,7 @@ def test_least_privilege_roles_migrate_run_and_enqueue(roles, tmp_path):
                 timeout=20,
                 message=f"the enqueued tasks run: {sup!r}",
             )
-            task, backend = _kill_busy_worker(roles.admin_dsn, sup, tmp_path, 1412, wait)
+            task, backend, _ = _kill_busy_worker(roles.admin_dsn, sup, tmp_path, 1412, wait)
             wait_until(
                 lambda: not _alive(roles.admin_dsn, backend),
                 message=f"the dead worker's session ended by the worker role: {sup!r}",
