@@ -134,12 +134,6 @@ def test_last_steps_plain_return_value_is_the_result(adsn, make_worker):
     assert task.result() == value
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="admin.task_detail raises RuntimeError 'query result lacks [history] for "
-    "TaskDetail': store._as demands every field of the record, even history, which has a "
-    "default and is filled from a second query",
-)
 @pytest.mark.timeout(30)
 def test_task_detail_shows_the_output_and_history(adsn, make_worker):
     """admin.task_detail (the operators' view of one task) shows the task's output and its

@@ -142,7 +142,7 @@ def list_tasks(
 def task_detail(cur: Cursor, task_id: int) -> TaskDetail | None:
     """The task with this id, whole, with every try; ``None`` when there is none."""
     _run(cur, "task_detail", {"id": task_id})
-    detail = _one(TaskDetail, cur)
+    detail = _one(TaskDetail, cur, history=())
     if detail is None:
         return None
     _run(cur, "task_attempts", {"id": task_id})

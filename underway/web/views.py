@@ -14,7 +14,6 @@ from .. import admin, metrics
 from ..db import check_schema, redact_dsn
 from ..errors import UnderwayError
 from ..records import TaskDetail, TaskState
-from . import compat
 from .charts import throughput_chart
 from .state import db, settings
 
@@ -145,7 +144,7 @@ def steps_of(task: TaskDetail) -> list[StepView]:
 @bp.get("/tasks/<int:task_id>")
 def task(task_id: int) -> Any:
     """One task, whole: input, output, its steps, and every try with its traceback."""
-    detail = compat.task_detail(task_id, db()) if task_id <= BIGINT_MAX else None
+    detail = admin.task_detail(task_id, conn=db()) if task_id <= BIGINT_MAX else None
     if detail is None:
         return render_template("missing.html", page="task", task_id=task_id), 404
     return render_template("task.html", page="task", task=detail, steps=steps_of(detail))
