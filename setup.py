@@ -13,7 +13,15 @@ setup(
     license="MIT",
     python_requires=">=3.9",
     packages=find_packages(include=["underway", "underway.*"]),
-    package_data={"underway": ["py.typed", "*.sql", "migrations/*.sql"]},
+    package_data={
+        "underway": [
+            "py.typed",
+            "*.sql",
+            "migrations/*.sql",
+            "web/templates/*.html",
+            "web/static/*",
+        ]
+    },
     install_requires=[
         "psycopg2-binary>=2.9",
         "croniter>=2.0",

@@ -23,7 +23,7 @@ from jobs_faults import task_row
 import underway
 from underway import RetryPolicy, TaskState, admin
 from underway.errors import UnderwayError
-from underway.records import UnhandledJob
+from underway.records import DeadLetterQueue, UnhandledJob
 from underway.scheduler import Scheduler
 from underway.upkeep import Heartbeat, Retention, UnhandledJobs
 from underway.worker import Worker
@@ -206,6 +206,8 @@ def test_admin_retry_takes_dead_letters_back_by_id_or_by_job(adsn, make_worker):
     plain = ja.flaky.enqueue({"n": 3})
     run_all(w, adsn)
     assert [d.id for d in admin.dead_letters(ja.DEAD)] == [a.id, b.id]
+    assert [d.id for d in admin.dead_letters(ja.DEAD, limit=1)] == [a.id]
+    assert admin.dead_letter_queues() == [DeadLetterQueue(ja.DEAD, 2)]
     flag(adsn, on=False)
 
     assert admin.retry([a.id]) == [a.id]
@@ -220,6 +222,7 @@ def test_admin_retry_takes_dead_letters_back_by_id_or_by_job(adsn, make_worker):
     run_all(w, adsn)
     assert [t.status() for t in (a, b, plain)] == ["succeeded"] * 3
     assert admin.dead_letters(ja.DEAD) == []
+    assert admin.dead_letter_queues() == []
     assert admin.retry(job="api-flaky") == []
     with pytest.raises(ValueError):
         admin.retry()
@@ -254,12 +257,6 @@ def test_retry_of_a_task_not_failed_raises_and_retries_nothing(adsn, make_worker
     assert admin.retry([failed.id, failed.id]) == [failed.id]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retry_tasks puts a failed task back to 'pending' with its job key while a newer "
-    "task holds that key: the unique key index raises a raw psycopg2 UniqueViolation from "
-    "task.retry()/admin.retry instead of a clear UnderwayError (or retrying without the key)",
-)
 @pytest.mark.timeout(30)
 def test_retry_of_a_keyed_task_whose_key_another_task_now_holds(adsn, make_worker):
     """A task with job key 'k' fails; a new task with key 'k' is enqueued (the failed one no
@@ -461,6 +458,16 @@ def enqueue_waiting(dsn, job, count, waited="2 minutes"):
         )
 
 
+def beat_ago(dsn, interval):
+    """Make the supervisors' last heartbeat ``interval`` old, as if they stopped beating."""
+    query(
+        dsn,
+        "UPDATE underway.supervisor SET heartbeat_at = heartbeat_at - %s::interval,"
+        " alive_until = alive_until - %s::interval",
+        (interval, interval),
+    )
+
+
 @pytest.mark.timeout(30)
 def test_unhandled_jobs_lists_waiting_tasks_no_live_supervisor_runs(adsn, cur):
     """admin.unhandled_jobs() lists, per job, the tasks waiting over a minute that no live
@@ -477,7 +484,7 @@ def test_unhandled_jobs_lists_waiting_tasks_no_live_supervisor_runs(adsn, cur):
     query(adsn, "UPDATE underway.task SET state = 'failed' WHERE job = 'api-failed'")
 
     assert admin.unhandled_jobs() == [UnhandledJob("api-ghost", 3), UnhandledJob("api-renamed", 1)]
-    query(adsn, "UPDATE underway.supervisor SET heartbeat_at = now() - interval '5 minutes'")
+    beat_ago(adsn, "5 minutes")
     assert admin.unhandled_jobs() == [
         UnhandledJob("api-echo", 2),
         UnhandledJob("api-ghost", 3),
@@ -493,7 +500,7 @@ def test_supervisor_logs_unhandled_jobs(adsn, cur, caplog):
     Heartbeat(30.0, ["api-echo"], lambda: []).run_once(cur)
     enqueue_waiting(adsn, "api-ghost", 3)
     enqueue_waiting(adsn, "api-echo", 2)
-    unit = UnhandledJobs(30.0)
+    unit = UnhandledJobs()
     assert unit.interval == 60
     caplog.set_level(logging.WARNING, logger="underway.supervisor")
     unit.run_once(cur)
@@ -504,12 +511,6 @@ def test_supervisor_logs_unhandled_jobs(adsn, cur, caplog):
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="UnhandledJobs judges other supervisors alive by its OWN lease (3 x its renewal "
-    "interval): a supervisor with --lease 3 counts one with the default lease (heartbeat every "
-    "10 s) dead 3 s after its heartbeat, and reports that live supervisor's backlog as unhandled",
-)
 @pytest.mark.timeout(30)
 def test_a_live_supervisor_with_a_longer_lease_is_never_reported(adsn, cur, caplog):
     """During a rolling deploy, supervisors may run with different leases. One with the
@@ -517,8 +518,8 @@ def test_a_live_supervisor_with_a_longer_lease_is_never_reported(adsn, cur, capl
     UnhandledJobs unit of a supervisor started with --lease 3 must not report its job's
     waiting tasks."""
     Heartbeat(30.0, ["api-echo"], lambda: []).run_once(cur)
-    query(adsn, "UPDATE underway.supervisor SET heartbeat_at = now() - interval '5 seconds'")
+    beat_ago(adsn, "5 seconds")
     enqueue_waiting(adsn, "api-echo", 2)
     caplog.set_level(logging.WARNING, logger="underway.supervisor")
-    UnhandledJobs(3.0).run_once(cur)
+    UnhandledJobs().run_once(cur)
     assert [r for r in caplog.records if getattr(r, "event", None) == "job_unhandled"] == []

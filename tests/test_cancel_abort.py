@@ -247,12 +247,6 @@ def test_abort_ends_steps_stuck_in_c_within_seconds(adsn):
         end_stuck_sessions(adsn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an aborted try is released like a crash: release_task fails the task when that "
-    "was its last try (here its only one), so it ends 'failed' in the dead-letter queue "
-    "instead of cancelled",
-)
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_abort_of_a_task_on_its_last_try_ends_cancelled(adsn):
@@ -276,13 +270,6 @@ def test_abort_of_a_task_on_its_last_try_ends_cancelled(adsn):
         end_stuck_sessions(adsn)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the supervisor reads an abort's NOTIFY along with the result of a statement it was "
-    "running (settle() polls the socket), leaving it in conn.notifies where nothing looks: "
-    "wait_for_event selects on the socket only, so the abort waits for the next periodic "
-    "Aborts pass (10 s with --lease 30)",
-)
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_abort_while_the_supervisor_is_busy_is_not_missed(adsn, gate):

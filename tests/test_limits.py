@@ -307,12 +307,6 @@ def test_two_supervisors_share_one_rate_budget_and_other_queues_flow(adsn):
     assert free_done < 1.0, free_done
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a worker passed over an empty bucket waits for a notification or its poll interval "
-    "(30 s here): nothing wakes it when tokens refill (seconds_until_due ignores rate limits), "
-    "so a limited queue runs at workers/poll_interval, not at its rate",
-)
 @pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_rate_limited_queue_keeps_its_rate_without_polling(adsn):
@@ -381,12 +375,6 @@ def test_jobs_sharing_a_group_or_queue_must_agree_on_its_limit(adsn):
             unregister_job(job.name)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task's concurrency group is stamped at enqueue (from Job or the registered job "
-    "row): tasks queued before the job's max_concurrency was registered (from SQL before the "
-    "first supervisor, or by an older deploy) carry none and are never counted nor limited",
-)
 @pytest.mark.timeout(30)
 def test_a_concurrency_limit_also_holds_for_tasks_queued_before_it(adsn, make_worker):
     """Four tasks of api-solo (max_concurrency=3) are enqueued from SQL before any supervisor

@@ -63,7 +63,7 @@ def schema_objects(dsn: str) -> set[tuple[str, str]]:
     return set(rows)
 
 
-ALL_MIGRATIONS = [(1, "initial"), (2, "lifecycle"), (3, "operating")]
+ALL_MIGRATIONS = [(1, "initial"), (2, "lifecycle"), (3, "operating"), (4, "fixes")]
 
 
 def migration_rows(dsn: str) -> list[tuple[int, str]]:
@@ -89,7 +89,7 @@ def other_empty_dsn(pg_server: PgTestServer) -> Iterator[str]:
 def test_run_migrations_applies_once_then_is_idempotent(empty_dsn: str) -> None:
     """run_migrations applies every migration on an empty database, then [] on every later
     run, and records each migration once."""
-    assert underway.run_migrations(empty_dsn) == [1, 2, 3]
+    assert underway.run_migrations(empty_dsn) == [1, 2, 3, 4]
     assert underway.run_migrations(empty_dsn) == []
     assert underway.run_migrations(empty_dsn) == []
     assert migration_rows(empty_dsn) == ALL_MIGRATIONS
@@ -113,7 +113,7 @@ def test_upgrade_from_version_1_keeps_tasks_and_backfills_them(empty_dsn: str) -
             " ('migrations-upgrade', '2', 'succeeded', now() - interval '1 day')"
         )
     conn.close()
-    assert underway.run_migrations(empty_dsn) == [2, 3]
+    assert underway.run_migrations(empty_dsn) == [2, 3, 4]
     rows = query(
         empty_dsn,
         "SELECT input::text, queue, expires_at - finished_at FROM underway.task ORDER BY id",
@@ -146,7 +146,7 @@ def test_supervisor_refuses_a_schema_older_than_it_needs(empty_dsn: str) -> None
     result = run_python(["-m", "underway.supervisor", "jobs_enqueue", "--dsn", empty_dsn])
     assert result.returncode == 1, result
     assert result.stderr.strip().splitlines() == [
-        "underway: the underway schema is at version 1, this version needs 3: "
+        "underway: the underway schema is at version 1, this version needs 4: "
         "run underway.run_migrations(dsn)"
     ], result.stderr
 
@@ -180,11 +180,11 @@ def test_concurrent_migrations_apply_exactly_once(empty_dsn: str, other_empty_ds
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    assert sorted(outcomes) == [("ok", []), ("ok", []), ("ok", []), ("ok", [1, 2, 3])], outcomes
+    assert sorted(outcomes) == [("ok", []), ("ok", []), ("ok", []), ("ok", [1, 2, 3, 4])], outcomes
     assert all(proc.exitcode == 0 for proc in procs)
     assert migration_rows(empty_dsn) == ALL_MIGRATIONS
     assert schema_objects(empty_dsn) >= CORE_OBJECTS
-    assert underway.run_migrations(other_empty_dsn) == [1, 2, 3]
+    assert underway.run_migrations(other_empty_dsn) == [1, 2, 3, 4]
     assert_same_schema(schema_dump(other_empty_dsn), schema_dump(empty_dsn), "concurrent run")
 
 
@@ -256,7 +256,7 @@ def test_command_line_migrates_then_says_up_to_date(empty_dsn: str) -> None:
     """`python -m underway.migrations --dsn DSN` applies 1 and exits 0, then says up to date."""
     first = run_python(["-m", "underway.migrations", "--dsn", empty_dsn])
     assert first.returncode == 0, first
-    assert first.stdout.strip() == "underway: applied migrations 1, 2, 3", first
+    assert first.stdout.strip() == "underway: applied migrations 1, 2, 3, 4", first
     second = run_python(["-m", "underway.migrations", "--dsn", empty_dsn])
     assert second.returncode == 0, second
     assert "up to date" in second.stdout, second

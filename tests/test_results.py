@@ -342,14 +342,6 @@ def test_waiting_result_sees_a_cancellation_at_once(adsn):
     assert waiter.ended_at - cancelled < 0.1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="await_task marks the task awaited and reads its state in ONE statement: when it "
-    "waits on the row lock of the worker's completion, its UPDATE re-checks the new row (state "
-    "succeeded, so it marks nothing) but its SELECT still sees the old snapshot ('running'); "
-    "the state trigger fired unawaited, so result() sleeps until its 30 s recheck (seen "
-    "naturally: job.enqueue(x).result() with a live supervisor missed 3 finishes in 30)",
-)
 @pytest.mark.timeout(30)
 def test_result_started_while_the_worker_commits_is_not_missed(adsn, make_worker, gate):
     """result() is called while the worker's completion holds the task row (between its

@@ -275,6 +275,7 @@ def seed_shop(dsn: str) -> dict[str, Any]:
                 {"slot": 2, "pid": 31340, "task_id": None},
                 {"slot": 3, "pid": 31341, "task_id": None},
             ],
+            alive_for=3600.0,
         )
     conn.close()
     web_jobs.reports.schedule("0 6 * * *", {"period": "daily"}, name="daily")

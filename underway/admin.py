@@ -1,6 +1,7 @@
 """Operating underway: see what is queued, running and failed, and steer it.
 
 - Look: :func:`queues`, :func:`list_tasks`, :func:`task_detail`, :func:`dead_letters`,
+  :func:`dead_letter_queues`,
   :func:`schedules`, :func:`supervisors`, :func:`throughput`, :func:`limits`,
   :func:`unhandled_jobs`.
 - Steer: :func:`pause` and :func:`resume` a queue, :func:`retry` failed tasks,
@@ -25,6 +26,7 @@ from .db import caller_cursor
 from .records import (
     CancelResult,
     DeadLetter,
+    DeadLetterQueue,
     Limit,
     Minute,
     QueueSummary,
@@ -35,15 +37,16 @@ from .records import (
     UnhandledJob,
 )
 from .task import cancel_task, retry_tasks, task_info
-from .upkeep import ALIVE_WITHIN, renewal_interval
 from .values import INT_MAX, aware, seconds, to_json
 
 __all__ = [
     "CancelResult",
     "DeadLetter",
+    "DeadLetterQueue",
     "QueueSummary",
     "cancel_task",
     "clear_rate_limit",
+    "dead_letter_queues",
     "dead_letters",
     "enqueue",
     "limits",
@@ -83,11 +86,17 @@ def queues(*, conn: Any = None) -> list[QueueSummary]:
         return store.queue_summary(cur)
 
 
-def dead_letters(queue: str, *, conn: Any = None) -> list[DeadLetter]:
-    """The tasks in dead-letter queue ``queue``, oldest first. Each keeps its history in
-    ``underway.attempt``."""
+def dead_letters(queue: str, *, limit: int = 10_000, conn: Any = None) -> list[DeadLetter]:
+    """The tasks in dead-letter queue ``queue``, oldest first, at most ``limit``. Each keeps
+    its history in ``underway.attempt``."""
     with caller_cursor(conn) as cur:
-        return store.dead_letters(cur, _queue_name(queue))
+        return store.dead_letters(cur, _queue_name(queue), _limit(limit))
+
+
+def dead_letter_queues(*, conn: Any = None) -> list[DeadLetterQueue]:
+    """Every dead-letter queue that holds tasks, with how many, by name."""
+    with caller_cursor(conn) as cur:
+        return store.dead_letter_queues(cur)
 
 
 def redrive(queue: str, ids: Sequence[int] | None = None, *, conn: Any = None) -> list[int]:
@@ -115,6 +124,13 @@ def purge_expired(*, conn: Any = None, batch: int = 500, max_batches: int | None
     return deleted
 
 
+def _limit(limit: Any) -> int:
+    """A row limit of a listing: from 1 to 10,000."""
+    if not 1 <= int(limit) <= 10_000:
+        raise ValueError(f"limit must be from 1 to 10000, not {limit!r}")
+    return int(limit)
+
+
 def _queue_name(queue: Any) -> str:
     if not isinstance(queue, str) or not queue.strip():
         raise TypeError(f"a queue name is a non-empty string, not {queue!r}")
@@ -140,8 +156,7 @@ def list_tasks(
     """
     if state is not None and state not in _STATES:
         raise ValueError(f"state must be one of {', '.join(_STATES)}, not {state!r}")
-    if not 1 <= int(limit) <= 10_000:
-        raise ValueError(f"limit must be from 1 to 10000, not {limit!r}")
+    _limit(limit)
     with caller_cursor(conn) as cur:
         return store.list_tasks(
             cur,
@@ -234,11 +249,11 @@ def schedules(*, conn: Any = None) -> list[ScheduleInfo]:
     return found
 
 
-def supervisors(*, lease: float = 30.0, conn: Any = None) -> list[SupervisorInfo]:
-    """Live supervisors (heard from within three lease renewals), each with its host, pid,
-    jobs, and what each of its workers runs now."""
+def supervisors(*, conn: Any = None) -> list[SupervisorInfo]:
+    """Live supervisors (heard from within three of their heartbeats), each with its host,
+    pid, jobs, and what each of its workers runs now."""
     with caller_cursor(conn) as cur:
-        return store.supervisors(cur, ALIVE_WITHIN * renewal_interval(lease))
+        return store.supervisors(cur)
 
 
 def throughput(*, minutes: int = 60, queue: str | None = None, conn: Any = None) -> list[Minute]:
@@ -275,10 +290,10 @@ def limits(*, conn: Any = None) -> list[Limit]:
         return store.limits(cur)
 
 
-def unhandled_jobs(*, lease: float = 30.0, conn: Any = None) -> list[UnhandledJob]:
+def unhandled_jobs(*, conn: Any = None) -> list[UnhandledJob]:
     """Jobs with tasks waiting over a minute that no live supervisor runs."""
     with caller_cursor(conn) as cur:
-        return store.unhandled_jobs(cur, ALIVE_WITHIN * renewal_interval(lease))
+        return store.unhandled_jobs(cur)
 
 
 _STATES = ("pending", "running", "succeeded", "failed", "cancelled")

@@ -25,7 +25,7 @@ import psycopg2.extensions
 from . import store
 from .errors import ConfigurationError, SchemaMissing
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 """The newest migration this version of underway needs."""
 
 _configured_dsn: str | None = None

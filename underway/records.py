@@ -100,6 +100,17 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Retried:
+    """What a retry found of one task asked for: its state then, the task holding its job
+    key now if another took it meanwhile, and whether it went back to work."""
+
+    id: int
+    state: str
+    key_holder: int | None
+    retried: bool
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """A task as stored: what ``python -m underway.admin status`` shows."""
 
@@ -145,6 +156,14 @@ class DeadLetter:
     attempts: int
     error: str | None
     finished_at: datetime
+
+
+@dataclass(frozen=True)
+class DeadLetterQueue:
+    """A dead-letter queue and how many tasks it holds."""
+
+    queue: str
+    tasks: int
 
 
 @dataclass(frozen=True)

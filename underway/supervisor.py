@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import metrics
+from . import metrics, tracing
 from .db import redact_dsn
 from .job import Job
 from .options import SupervisorOptions
@@ -121,6 +121,9 @@ class Supervisor:
 
     def run(self) -> int:
         """Start the workers and supervise them until stopped; returns the exit status."""
+        # A port already taken stops the supervisor before it registers anything.
+        if self.options.metrics_port is not None:
+            metrics.serve(self.options.metrics_port, self.dsn)
         self.upkeep.register()
         self._install_signal_handlers()
         log.info(
@@ -130,8 +133,6 @@ class Supervisor:
             ", ".join(sorted(self.jobs)),
             redact_dsn(self.dsn),
         )
-        if self.options.metrics_port is not None:
-            metrics.serve(self.options.metrics_port, self.dsn)
         for child in self.children:
             self.spawn(child)
         while True:
@@ -202,12 +203,15 @@ class Supervisor:
         if self.stopping_at is not None:
             timeout = min(timeout, self.stopping_at - time.monotonic())
         watched: list[Any] = [self._wake_r]
-        if self.upkeep.conn is not None and not self.upkeep.conn.closed:
-            watched.append(self.upkeep.conn)
+        conn = self.upkeep.conn
+        if conn is not None and not conn.closed:
+            watched.append(conn)
+            if conn.notifies:  # read along with the result of an upkeep statement
+                timeout = 0
         readable, _, _ = select.select(watched, [], [], max(timeout, 0))
         if self._wake_r in readable:
             os.read(self._wake_r, 4096)
-        if self.upkeep.conn is not None and self.upkeep.conn in readable:
+        if conn is not None and (conn in readable or conn.notifies):
             self.upkeep.notified()
 
     # -- signals ----------------------------------------------------------------
@@ -298,6 +302,7 @@ class Supervisor:
             log.critical("%s crashed:\n%s", child.role, traceback.format_exc())
             status = 1
         finally:
+            tracing.flush()  # the process ends with os._exit: no atexit handlers
             logging.shutdown()
         return status
 
@@ -337,6 +342,7 @@ class Supervisor:
         """A child exited: give back what it held, then decide whether to restart it."""
         pid, ours = child.pid, child.stopped_by_us
         child.pid = 0
+        metrics.worker_exited(pid)
         how = describe_exit(status)
         clean = os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
         held = Held(0, 0, 0.0, 0, 0, 0.0, 0)

@@ -90,6 +90,11 @@ class Task:
         """Sleep until this task's end is announced, or the deadline."""
         mine = str(self.id)
         while True:
+            # An end announced while a statement ran was read along with its result.
+            announced = any(note.payload == mine for note in conn.notifies)
+            conn.notifies.clear()
+            if announced:
+                return
             left = _RECHECK if deadline is None else min(deadline - time.monotonic(), _RECHECK)
             if left <= 0:
                 raise TimeoutError(f"task {self.id} of job {self.job!r} is not finished yet")
@@ -98,10 +103,6 @@ class Task:
                     return  # look at the row again, now and then
                 continue
             conn.poll()
-            announced = any(note.payload == mine for note in conn.notifies)
-            conn.notifies.clear()
-            if announced:
-                return
 
     def cancel(self, *, abort: bool = False, conn: Any = None) -> CancelResult:
         """Cancel the task, and say what that did (:class:`CancelResult`).
@@ -160,16 +161,22 @@ def retry_tasks(task_ids: Sequence[int], *, conn: Any = None) -> list[int]:
     """Put failed tasks back to work (see :meth:`Task.retry`): all of them, or none when
     one of them is missing or not failed. Returns their ids.
 
-    :raises UnderwayError: naming each task that is not failed, and what it is instead.
+    :raises UnderwayError: naming each task that is not failed, and what it is instead, or
+        whose job key another task took since it failed.
     """
     ids = [int(i) for i in task_ids]
     if not ids:
         return []
     with caller_cursor(conn) as cur:
         found = store.retry_tasks(cur, ids)
-    states = {task_id: state for task_id, state, _ in found}
+    states = {t.id: t.state for t in found}
     problems = [f"task {i} does not exist" for i in ids if i not in states]
-    problems += [f"task {i} is {s}, not failed" for i, s in states.items() if s != "failed"]
+    problems += [f"task {t.id} is {t.state}, not failed" for t in found if t.state != "failed"]
+    problems += [
+        f"task {t.id}'s job key is held by task {t.key_holder} now (cancel that one first)"
+        for t in found
+        if t.key_holder is not None
+    ]
     if problems:
         raise UnderwayError("nothing retried: " + "; ".join(sorted(set(problems))))
-    return [task_id for task_id, _, retried in found if retried]
+    return [t.id for t in found if t.retried]

@@ -147,7 +147,8 @@ class Heartbeat(Unit):
         self.interval = renewal_interval(lease)
 
     def run_once(self, cur: Cursor) -> None:
-        store.heartbeat(cur, self.id, self.host, os.getpid(), self.jobs, self.workers())
+        alive_for = ALIVE_WITHIN * self.interval
+        store.heartbeat(cur, self.id, self.host, os.getpid(), self.jobs, self.workers(), alive_for)
 
 
 class LapsedLeases(Unit):
@@ -169,11 +170,8 @@ class UnhandledJobs(Unit):
 
     interval = 60.0
 
-    def __init__(self, lease: float) -> None:
-        self.within = ALIVE_WITHIN * renewal_interval(lease)
-
     def run_once(self, cur: Cursor) -> None:
-        for found in store.unhandled_jobs(cur, self.within):
+        for found in store.unhandled_jobs(cur):
             log.warning(
                 "%d tasks of job %r wait, which no running supervisor handles: deploy its "
                 "workers, or cancel them",
@@ -245,7 +243,7 @@ class Upkeep:
             self.aborts,
             self.heartbeat,
             LapsedLeases(lease),
-            UnhandledJobs(lease),
+            UnhandledJobs(),
             Retention(),
         ]
         self._last_run: dict[Unit, float] = {}

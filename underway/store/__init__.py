@@ -35,6 +35,7 @@ from .base import (
 )
 from .operating import (
     clear_rate_limit,
+    dead_letter_queues,
     dead_letters,
     limits,
     list_tasks,
@@ -112,6 +113,7 @@ __all__ = [
     "clock",
     "commit",
     "count_finished",
+    "dead_letter_queues",
     "dead_letters",
     "decode",
     "end_session",

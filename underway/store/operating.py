@@ -11,6 +11,7 @@ from datetime import datetime
 from ..records import (
     Attempt,
     DeadLetter,
+    DeadLetterQueue,
     Limit,
     Minute,
     QueueSummary,
@@ -49,10 +50,16 @@ def queue_summary(cur: Cursor) -> list[QueueSummary]:
     return _all(QueueSummary, cur)
 
 
-def dead_letters(cur: Cursor, queue: str) -> list[DeadLetter]:
-    """The tasks in a dead-letter queue, oldest first."""
-    _run(cur, "dead_letters", {"queue": queue})
+def dead_letters(cur: Cursor, queue: str, limit: int) -> list[DeadLetter]:
+    """The tasks in a dead-letter queue, oldest first, at most ``limit``."""
+    _run(cur, "dead_letters", {"queue": queue, "limit": limit})
     return [replace(letter, input=_shown(letter.input)) for letter in _all(DeadLetter, cur)]
+
+
+def dead_letter_queues(cur: Cursor) -> list[DeadLetterQueue]:
+    """Every dead-letter queue that holds tasks, with how many."""
+    _run(cur, "dead_letter_queues", {})
+    return _all(DeadLetterQueue, cur)
 
 
 def redrive(cur: Cursor, queue: str, ids: Sequence[int] | None) -> list[int]:
@@ -78,9 +85,9 @@ def limits(cur: Cursor) -> list[Limit]:
     return _all(Limit, cur)
 
 
-def supervisors(cur: Cursor, within: float) -> list[SupervisorInfo]:
-    """Supervisors whose last heartbeat is under ``within`` seconds old."""
-    _run(cur, "supervisors", {"within": within})
+def supervisors(cur: Cursor) -> list[SupervisorInfo]:
+    """Live supervisors: those whose last heartbeat is recent enough by their own lease."""
+    _run(cur, "supervisors", {})
     found = []
     for row in cur.fetchall():
         values = dict(zip([column.name for column in cur.description], row))
@@ -110,9 +117,9 @@ def throughput(cur: Cursor, minutes: int, queue: str | None = None) -> list[Minu
     return _all(Minute, cur)
 
 
-def unhandled_jobs(cur: Cursor, within: float) -> list[UnhandledJob]:
+def unhandled_jobs(cur: Cursor) -> list[UnhandledJob]:
     """Jobs with tasks waiting over a minute that no live supervisor runs."""
-    _run(cur, "unhandled_jobs", {"within": within})
+    _run(cur, "unhandled_jobs", {})
     return _all(UnhandledJob, cur)
 
 

@@ -52,9 +52,16 @@ def set_concurrency_limits(cur: Cursor, limits: Mapping[str, int]) -> None:
 
 
 def heartbeat(
-    cur: Cursor, supervisor_id: str, host: str, pid: int, jobs: Sequence[str], workers: list
+    cur: Cursor,
+    supervisor_id: str,
+    host: str,
+    pid: int,
+    jobs: Sequence[str],
+    workers: list,
+    alive_for: float,
 ) -> None:
-    """Record that a supervisor is alive, and what its workers run now."""
+    """Record that a supervisor is alive (for ``alive_for`` seconds unless it beats again),
+    and what its workers run now."""
     _run(
         cur,
         "heartbeat",
@@ -64,6 +71,7 @@ def heartbeat(
             "pid": pid,
             "jobs": list(jobs),
             "workers": json.dumps(workers),
+            "alive_for": alive_for,
         },
     )
 

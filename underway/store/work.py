@@ -12,6 +12,7 @@ from ..records import (
     Claim,
     Recorded,
     Release,
+    Retried,
     TaskInfo,
     TaskState,
 )
@@ -19,6 +20,7 @@ from .base import (
     ABORT_CHANNEL,
     TASK_CHANNEL,
     Cursor,
+    _all,
     _as,
     _one,
     _run,
@@ -206,15 +208,16 @@ def await_task(cur: Cursor, task_id: int) -> tuple[str, str | None, str | None, 
     """Mark a task as awaited (its end then notifies :data:`RESULT_CHANNEL`) and return
     (state, output JSON, error, traceback) as it stands; ``None`` when there is no task."""
     _run(cur, "await_task", {"id": task_id})
+    _run(cur, "task_outcome", {"id": task_id})
     row = cur.fetchone()
     return None if row is None else (row[0], row[1], row[2], row[3])
 
 
-def retry_tasks(cur: Cursor, ids: Sequence[int]) -> list[tuple[int, str, bool]]:
-    """Put the failed ones of these tasks back to work; returns (id, state before, retried)
-    for every task that exists."""
+def retry_tasks(cur: Cursor, ids: Sequence[int]) -> list[Retried]:
+    """Put these tasks back to work if all are failed and free to take their keys again;
+    returns what was found of each task that exists."""
     _run(cur, "retry_tasks", {"ids": list(ids), "channel": TASK_CHANNEL})
-    return [(row[0], row[1], row[2]) for row in cur.fetchall()]
+    return _all(Retried, cur)
 
 
 def failed_task_ids(cur: Cursor, job: str, since: datetime | None, limit: int) -> list[int]:

@@ -21,7 +21,7 @@ bp = Blueprint("web", __name__)
 
 #: Tasks per page of a list.
 PAGE = 50
-#: Dead letters shown at once (admin.dead_letters returns them all).
+#: Dead letters shown at once, oldest first.
 DEAD_LETTERS_SHOWN = 200
 #: Task ids are PostgreSQL bigints.
 BIGINT_MAX = 2**63 - 1
@@ -164,16 +164,15 @@ def search() -> Any:
 def dead_letters() -> str:
     """A dead-letter queue's tasks, with re-drive buttons for all or one."""
     queue = request.args.get("queue", "").strip()
-    letters = admin.dead_letters(queue, conn=db()) if queue else []
-    # Until admin lists dead-letter queues, the page asks for a name.
-    known = getattr(admin, "dead_letter_queues", None)
+    letters = admin.dead_letters(queue, limit=DEAD_LETTERS_SHOWN, conn=db()) if queue else []
+    known = admin.dead_letter_queues(conn=db())
     return render_template(
         "dead_letters.html",
         page="dead_letters",
         queue=queue,
-        letters=letters[:DEAD_LETTERS_SHOWN],
-        total=len(letters),
-        known=known(conn=db()) if known else None,
+        letters=letters,
+        total=next((q.tasks for q in known if q.queue == queue), len(letters)),
+        known=known,
     )
 
 
