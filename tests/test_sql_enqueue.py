@@ -23,7 +23,8 @@ import psycopg2.errors
 import pytest
 from jobs_faults import idle_listening_workers
 
-from underway.job import Job, registered_jobs
+from underway.job import DEFAULT_KEEP_FOR, Job, registered_jobs
+from underway.retry import DEFAULT_MAX_ATTEMPTS
 
 from .helpers import Supervisor, query, scalar, wait_until
 
@@ -480,3 +481,26 @@ def test_rolled_back_transaction_enqueues_nothing(qdsn: str) -> None:
     assert query(qdsn, "SELECT id, input, run_at > now() FROM underway.task") == [
         (holder, {"v": 1}, True)
     ]
+
+
+def test_sql_defaults_are_the_python_defaults(qdsn: str) -> None:
+    """The defaults written in SQL (the task table's columns, and underway.enqueue for a job
+    no supervisor registered yet) are those of the Python API: 5 tries, kept 14 days. The
+    schema cannot import Python, so this test is what keeps the two from drifting."""
+    task_id = scalar(qdsn, "SELECT underway.enqueue('nobody-registered-this', '{}')")
+    tries, kept = query(
+        qdsn, "SELECT max_attempts, keep_for FROM underway.task WHERE id = %s", (task_id,)
+    )[0]
+    assert (tries, kept) == (DEFAULT_MAX_ATTEMPTS, DEFAULT_KEEP_FOR)
+    columns = dict(
+        query(
+            qdsn,
+            "SELECT column_name, column_default FROM information_schema.columns"
+            " WHERE table_schema = 'underway' AND table_name = 'task'"
+            " AND column_name IN ('max_attempts', 'keep_for')",
+        )
+    )
+    assert columns == {
+        "max_attempts": str(DEFAULT_MAX_ATTEMPTS),
+        "keep_for": f"'{DEFAULT_KEEP_FOR.days} days'::interval",
+    }
