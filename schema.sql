@@ -872,7 +872,7 @@ INSERT INTO underway.migration (version, name) VALUES (3, 'operating');
 -- underway 0004: fixes found by operating 0003. Supervisors say for themselves how long
 -- they count as alive; a legacy keep_for can no longer fail an UPDATE; the input bound is
 -- on the JSON text; tasks queued before their job joined a concurrency group are counted
--- in it.
+-- in it; a completion locks its task before claiming the next, so limits cannot deadlock.
 
 -- How long a supervisor counts as alive after its heartbeat, by its own lease: during a
 -- rolling deploy supervisors may run with different leases, and none may judge another by
@@ -1158,6 +1158,25 @@ BEGIN
         RETURNING t.*;
         RETURN;
     END LOOP;
+END;
+$$;
+
+-- Claim a worker's next task in the statement that records its current one (the fused
+-- completion). The current task's row is locked first: a claim may wait on a rate or
+-- concurrency limit's row, and must not while its transaction has yet to lock its own
+-- task, which another claim may hold (it locked the row, found it running already, and
+-- keeps the lock until it commits) while waiting on the limit's row this one holds.
+CREATE FUNCTION underway.claim_after(
+    current_id bigint, current_token bigint, jobs text[], token bigint,
+    lease_seconds double precision
+)
+RETURNS SETOF underway.task
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1 FROM underway.task AS t
+    WHERE t.id = current_id AND t.claim_token = current_token AND t.state = 'running'
+    FOR UPDATE;
+    RETURN QUERY SELECT * FROM underway.claim_task(jobs, token, lease_seconds, false);
 END;
 $$;
 

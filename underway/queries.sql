@@ -75,26 +75,14 @@ SELECT least(
 -- Mark the claimed task succeeded and record the try, fenced on the claim token; in the
 -- same statement (one round trip, one commit) claim the worker's next task, unless `jobs`
 -- is empty. The claim runs first (the completion reads its result), so it never sees the
--- task being completed. Returns one row: whether the completion happened, NULL (the
--- task's new state, see advance_task), and the claimed task's columns (NULLs for none).
-WITH mine AS (
-    -- The task being completed is locked before the claim (the claim's arguments refer
-    -- to this, so it runs first). A claim may wait on a rate or concurrency limit's row,
-    -- and must not while this transaction has yet to lock its own task's row: another
-    -- claim may hold that row (it locked it, found it running already, and keeps the lock
-    -- until it commits) and wait on the limit's row this one holds, a deadlock.
-    SELECT count(*) AS held FROM (
-        SELECT 1 FROM underway.task
-        WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
-        FOR UPDATE
-    ) AS own
-), claimed AS (
-    SELECT c.id, c.job, coalesce(c.queue, c.job) AS queue, c.step, c.input::text AS input,
-           c.attempts AS attempt, c.max_attempts, c.scheduled_at, c.serial_queue,
-           c.trace_context, extract(epoch FROM c.started_at - c.run_at)::float8 AS waited
-    FROM mine CROSS JOIN LATERAL underway.claim_task(
-        CASE WHEN mine.held >= 0 THEN %(jobs)s::text[] END, %(next_token)s, %(lease)s, false
-    ) AS c
+-- task being completed; claim_after locks that task before claiming (see its comment).
+-- Returns one row: whether the completion happened, NULL (the task's new state, see
+-- advance_task), and the claimed task's columns (NULLs for none).
+WITH claimed AS (
+    SELECT id, job, coalesce(queue, job) AS queue, step, input::text AS input,
+           attempts AS attempt, max_attempts, scheduled_at, serial_queue, trace_context,
+           extract(epoch FROM started_at - run_at)::float8 AS waited
+    FROM underway.claim_after(%(id)s, %(token)s, %(jobs)s, %(next_token)s, %(lease)s)
 ), done AS (
     UPDATE underway.task AS t
     SET state = 'succeeded', claim_token = NULL, lease_expires_at = NULL, error = NULL,
@@ -119,20 +107,11 @@ SELECT cancel_requested_at IS NOT NULL FROM underway.task WHERE id = %(id)s;
 -- the claim token, recording the finished step's try; and claim the worker's next task
 -- as complete_task does. Returns one row: whether the task advanced, its new state
 -- ('cancelled' when its cancellation was asked for meanwhile), and the claimed task.
-WITH mine AS (
-    -- The task advancing is locked before the claim, as in complete_task.
-    SELECT count(*) AS held FROM (
-        SELECT 1 FROM underway.task
-        WHERE id = %(id)s AND claim_token = %(token)s AND state = 'running'
-        FOR UPDATE
-    ) AS own
-), claimed AS (
-    SELECT c.id, c.job, coalesce(c.queue, c.job) AS queue, c.step, c.input::text AS input,
-           c.attempts AS attempt, c.max_attempts, c.scheduled_at, c.serial_queue,
-           c.trace_context, extract(epoch FROM c.started_at - c.run_at)::float8 AS waited
-    FROM mine CROSS JOIN LATERAL underway.claim_task(
-        CASE WHEN mine.held >= 0 THEN %(jobs)s::text[] END, %(next_token)s, %(lease)s, false
-    ) AS c
+WITH claimed AS (
+    SELECT id, job, coalesce(queue, job) AS queue, step, input::text AS input,
+           attempts AS attempt, max_attempts, scheduled_at, serial_queue, trace_context,
+           extract(epoch FROM started_at - run_at)::float8 AS waited
+    FROM underway.claim_after(%(id)s, %(token)s, %(jobs)s, %(next_token)s, %(lease)s)
 ), finished AS (
     SELECT t.id, t.step, t.attempts, t.started_at FROM underway.task AS t
     WHERE t.id = %(id)s AND t.claim_token = %(token)s AND t.state = 'running'
