@@ -23,6 +23,9 @@ from typing import Any, Callable, TypeVar
 import psutil
 from psycopg2.extensions import parse_dsn
 
+from underway.slots import Slots
+from underway.upkeep import Upkeep
+
 try:
     from .jobs_common import sql
 except ImportError:  # imported by plain name (``import helpers``), as subprocesses may
@@ -404,3 +407,20 @@ def describe(proc: psutil.Process) -> str:
         return f"{proc.pid}: {' '.join(proc.cmdline()) or proc.name()}"
     except psutil.Error:
         return f"{proc.pid}: <gone>"
+
+
+def register(dsn, *jobs):
+    """Store the jobs and the limits they declare, as a supervisor does at start."""
+    upkeep = Upkeep(
+        dsn,
+        Slots(1),
+        {job.name: job for job in jobs},
+        lease=30.0,
+        db_timeout=10.0,
+        workers=list,
+        abort=lambda ids: None,
+    )
+    try:
+        upkeep.register()
+    finally:
+        upkeep.close()

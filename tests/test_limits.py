@@ -27,11 +27,9 @@ from underway import Job, TaskState, admin
 from underway.errors import ConfigurationError
 from underway.job import unregister_job
 from underway.records import Limit
-from underway.slots import Slots
-from underway.upkeep import Upkeep
 from underway.worker import Worker
 
-from .helpers import Supervisor, query, scalar, wait_until
+from .helpers import Supervisor, query, register, scalar, wait_until
 
 # -- fixtures and helpers -------------------------------------------------------------------
 
@@ -57,23 +55,6 @@ def make_worker(adsn):
     yield make
     for worker in made:
         worker.disconnect()
-
-
-def register(dsn, *jobs):
-    """Store the jobs and the limits they declare, as a supervisor does at start."""
-    upkeep = Upkeep(
-        dsn,
-        Slots(1),
-        {job.name: job for job in jobs},
-        lease=30.0,
-        db_timeout=10.0,
-        workers=list,
-        abort=lambda ids: None,
-    )
-    try:
-        upkeep.register()
-    finally:
-        upkeep.close()
 
 
 def supervisor(dsn, *args, workers=2):

@@ -25,7 +25,7 @@ from underway import TaskCancelled, TaskFailed, TaskState, admin
 from underway.testing import run_inline
 from underway.worker import Worker
 
-from .helpers import query, scalar, wait_until
+from .helpers import query, register, scalar, wait_until
 
 # -- fixtures and helpers -------------------------------------------------------------------
 
@@ -143,6 +143,17 @@ def test_task_detail_shows_the_output_and_history(adsn, make_worker):
     detail = admin.task_detail(task.id)
     assert detail.output == {"n": 5}
     assert [(a.step, a.attempt, a.outcome) for a in detail.history] == [(0, 1, "succeeded")]
+    assert detail.step_names == ()  # no supervisor registered the job: names unknown
+
+
+@pytest.mark.timeout(30)
+def test_task_detail_names_every_step_of_a_registered_job(adsn):
+    """Once a supervisor registered the job, task_detail names all its steps, those the
+    task has not reached included, and the one it is at."""
+    register(adsn, ja.chain)
+    detail = admin.task_detail(ja.chain.enqueue({"n": 1}).id)
+    assert detail.step_names == ("chain_first", "chain_second", "chain_third")
+    assert (detail.step, detail.step_name, detail.step_count) == (0, "chain_first", 3)
 
 
 @pytest.mark.timeout(30)

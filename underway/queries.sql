@@ -646,7 +646,8 @@ LIMIT %(limit)s;
 -- name: task_detail
 -- One task, whole: its input and output, where it stands, and its timing.
 SELECT t.id, t.job, t.step, j.steps[t.step + 1] AS step_name,
-       coalesce(cardinality(j.steps), 0) AS step_count, t.state::text AS state, t.attempts,
+       coalesce(cardinality(j.steps), 0) AS step_count, coalesce(j.steps, '{}') AS step_names,
+       t.state::text AS state, t.attempts,
        t.max_attempts, coalesce(t.queue, t.job) AS queue, t.serial_queue, t.concurrency_group,
        t.key, t.priority, t.dead_letter_queue, t.input::text AS input,
        t.output::text AS output, t.error, t.cancel_requested_at, t.abort_requested_at,

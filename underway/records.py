@@ -224,6 +224,8 @@ class TaskDetail:
     step_name: str | None
     #: How many steps the job has (0 when no supervisor registered it).
     step_count: int
+    #: The names of the job's steps, in order, as its supervisors registered them.
+    step_names: tuple[str, ...]
     state: TaskState
     attempts: int
     max_attempts: int

@@ -156,6 +156,7 @@ def task_detail(cur: Cursor, task_id: int) -> TaskDetail | None:
     return replace(
         detail,
         state=TaskState(detail.state),
+        step_names=tuple(detail.step_names),
         input=_shown(detail.input),
         output=_shown(detail.output),
         history=tuple(_all(Attempt, cur)),

@@ -118,12 +118,10 @@ class StepView:
 
 def steps_of(task: TaskDetail) -> list[StepView]:
     """Each step of the task's job, named where known, with how far the task got."""
-    names = {a.step: a.step_name for a in task.history if a.step_name}
+    names = dict(enumerate(task.step_names))
     tries: dict[int, int] = {}
     for attempt in task.history:
         tries[attempt.step] = tries.get(attempt.step, 0) + 1
-    if task.step_name:
-        names[task.step] = task.step_name
     found = []
     for i in range(max(task.step_count, task.step + 1)):
         if i < task.step:
