@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import pytest
 
 from underway import cli, migrations, run
+from underway.web import __main__ as web_main
 
 from .helpers import REPO_ROOT, run_python
 
@@ -141,6 +142,7 @@ def test_quoted_samples_match_their_files(block: Block) -> None:
 PARSERS = {
     "underway.supervisor": run.parse_args,
     "underway.admin": cli.parse_args,
+    "underway.web": web_main.parse_args,
 }
 
 
@@ -158,9 +160,10 @@ def command_lines() -> list[tuple[int, str, list[str]]]:
 
 
 def test_the_readme_shows_every_tool() -> None:
-    """The README shows the supervisor, the admin tool and the migrations command."""
+    """The README shows the supervisor, the admin tool, the dashboard and the migrations
+    command."""
     tools = {tool for _, tool, _ in command_lines()}
-    assert tools == {"underway.supervisor", "underway.admin", "underway.migrations"}
+    assert tools == {"underway.supervisor", "underway.admin", "underway.web", "underway.migrations"}
 
 
 @pytest.mark.parametrize("line, tool, args", command_lines(), ids=lambda v: str(v))
