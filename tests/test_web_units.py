@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("flask")
 
+from underway import display
 from underway.records import Minute, Undecodable
-from underway.web import display
 from underway.web.__main__ import is_loopback, parse_args
 from underway.web.charts import nice_step, throughput_chart
 from underway.web.security import password_matches

@@ -27,6 +27,7 @@ from werkzeug.exceptions import HTTPException
 
 from .. import __version__
 from ..db import redact_dsn, resolve_dsn
+from ..display import now
 from . import actions, display, security, views
 from .pool import Pool
 from .state import Settings, release, settings
@@ -99,7 +100,7 @@ def _page_globals() -> dict[str, Any]:
         "database": found.database,
         "version": __version__,
         "assets": _ASSETS_VERSION,
-        "now": display.now(),
+        "now": now(),
         "refresh_ms": int(1000 * current_app.config.get("UNDERWAY_REFRESH_SECONDS", 5)),
         "page": "",
     }
