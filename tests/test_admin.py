@@ -31,6 +31,14 @@ COMMANDS = [
     ["status", "1"],
     ["cancel", "1"],
     ["purge"],
+    ["list"],
+    ["show", "1"],
+    ["retry", "1"],
+    ["enqueue", "emails", "{}"],
+    ["schedules"],
+    ["supervisors"],
+    ["limits"],
+    ["rate-limit", "emails", "10/s"],
 ]
 
 
