@@ -168,11 +168,6 @@ def test_undecodable_input_in_the_fused_claim_is_charged_to_no_other(hdsn, make_
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="UndecodableInput is not Fatal: worker._fail retries it as any error, so an input "
-    "that can never decode is tried max_attempts times (5 from SQL) instead of failing for good",
-)
 def test_undecodable_input_fails_for_good_at_its_first_try(hdsn, make_worker):
     """A task whose input cannot be decoded fails for good at its first try: no retry can
     decode it (the job allows three tries; an enqueue from SQL gets five)."""
@@ -368,11 +363,6 @@ def test_step_failure_is_recorded_and_the_worker_goes_on(hdsn, make_worker, how,
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker._fail formats f'{type(exc).__name__}: {exc}': an exception whose __str__ "
-    "raises escapes _fail and ends the worker, leaving the task running",
-)
 def test_exception_that_cannot_be_printed_is_recorded(hdsn, make_worker):
     """A step raising an exception whose ``__str__`` itself raises still fails its try with
     the exception's type recorded, and the worker goes on."""
@@ -384,11 +374,6 @@ def test_exception_that_cannot_be_printed_is_recorded(hdsn, make_worker):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="a step that swallows an SQL error leaves the transaction aborted; worker._finish's "
-    "record_success then raises InFailedSqlTransaction, which execute() re-raises as a bug",
-)
 def test_step_that_swallows_an_sql_error_fails_its_try(hdsn, make_worker):
     """A step that catches its own SQL error and returns leaves its transaction aborted:
     the try fails with an error that says so (nothing of it commits), and the worker goes
@@ -406,12 +391,6 @@ def test_step_that_swallows_an_sql_error_fails_its_try(hdsn, make_worker):
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("how", ["foreign-db", "read-only"])
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker._run_step and execute() take any psycopg2 error is_outage() approves (no "
-    "SQLSTATE, 25006, 53xxx...) for an outage of the worker's own database, whichever "
-    "connection raised it: the try is given back uncounted after a reconnect, for ever",
-)
 def test_step_error_that_looks_like_an_outage_is_charged_to_the_step(hdsn, make_worker, how):
     """A step whose own database error looks like an outage (it cannot reach another
     database; it made its transaction read-only and wrote) fails its try with that error,

@@ -74,6 +74,12 @@ class Context:
         status = self._conn.info.transaction_status
         return self.in_transaction and status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
+    def aborted(self) -> bool:
+        """Whether the step's transaction is aborted: an SQL error the step caught and went
+        on from. Nothing it wrote can commit."""
+        status = self._conn.info.transaction_status
+        return self.in_transaction and status == psycopg2.extensions.TRANSACTION_STATUS_INERROR
+
     def closed(self) -> bool:
         """Whether the worker's connection is gone."""
         return bool(self._conn.closed)

@@ -267,6 +267,27 @@ def is_outage(exc: BaseException) -> bool:
     return code[:2] in ("08", "53", "58") or code.startswith("57P") or code == "25006"
 
 
+def is_our_outage(exc: BaseException, conn: Any) -> bool:
+    """Whether an error a step's code raised is an outage of the worker's own database
+    (``conn``), rather than the step's own failure: an outage-like error from another
+    connection the step opened is the step's; so is "read-only transaction" from a
+    transaction the step made read-only, told apart by the server's reported settings
+    (PostgreSQL 14 and later report ``default_transaction_read_only`` and
+    ``in_hot_standby``; an older server's word is taken as an outage)."""
+    if not is_outage(exc):
+        return False
+    cursor = getattr(exc, "cursor", None)
+    if cursor is None or cursor.connection is not conn:
+        return isinstance(exc, psycopg2.InterfaceError) and bool(conn.closed)
+    if getattr(exc, "pgcode", None) == "25006":
+        said = [
+            conn.info.parameter_status(name)
+            for name in ("default_transaction_read_only", "in_hot_standby")
+        ]
+        return None in said or "on" in said
+    return True
+
+
 class ProcessConnection:
     """One lazily opened autocommit connection per process, for enqueues made without
     ``conn=``. A lock serialises threads; a forked child opens a fresh one."""

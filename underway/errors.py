@@ -33,10 +33,11 @@ class StepTimeout(BaseException):
     """
 
 
-class UndecodableInput(UnderwayError, ValueError):
+class UndecodableInput(Fatal, ValueError):
     """A stored JSON value that PostgreSQL accepted but Python cannot decode: a number of
     thousands of digits, or nesting thousands deep. A task with such an input fails for
-    good, naming its job; it never stops a worker."""
+    good at its first try, naming its job (no retry could decode it: it is
+    :class:`Fatal`); it never stops a worker."""
 
 
 class TaskFailed(UnderwayError):

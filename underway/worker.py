@@ -32,7 +32,6 @@ import logging
 import os
 import random
 import time
-import traceback
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,28 +40,27 @@ import psycopg2.extensions
 
 from . import metrics, store, tracing
 from .context import Context
-from .db import is_outage
+from .db import is_our_outage, is_outage
 from .errors import ConfigurationError, Fatal, StepTimeout
 from .job import Job, Step, To
+from .outcome import ABORTED, SELF_COMMITTED, describe, interpret
 from .records import Claim, Release
 from .service import Service
 from .slots import Slots
 from .tally import Tally
 from .timeouts import StepClock
-from .values import MAX_ERROR_CHARS, MAX_TRACEBACK_CHARS, clean_text, to_json
+from .values import MAX_ERROR_CHARS, clean_text
 
 log = logging.getLogger("underway.worker")
 
 
+#: A deadlock or serialization failure in recording an outcome: the try is given back,
+#: uncounted, rather than taken for a bug.
+TRANSIENT = ("40P01", "40001")
+
 LOST = (
     "the task was taken from this worker (its lease lapsed) before the outcome was "
     "recorded; the step's writes were rolled back"
-)
-
-SELF_COMMITTED = (
-    "the step ended the worker's transaction itself (COMMIT or ROLLBACK through cx): its "
-    "writes are no longer atomic with the step, and a retry would repeat them. Let the "
-    "worker commit; write through cx.cursor() without committing"
 )
 
 
@@ -272,7 +270,7 @@ class Worker(Service):
             outcome = self._run_step(cx, claim, job, step, timeout)
             event, details = self._record(conn, cx, claim, job, step, outcome, claim_next)
         except psycopg2.Error as exc:
-            if not (is_outage(exc) or conn.closed):
+            if not (is_outage(exc) or conn.closed or exc.pgcode in TRANSIENT):
                 raise  # our own statement is wrong: a bug, not the task's fault
             # The step's transaction is lost: give the task back once the database takes
             # writes again; until then the slot keeps its lease renewed. A session that
@@ -310,38 +308,19 @@ class Worker(Service):
             ):
                 result = self.clock.run(step.function, cx, inp, timeout)
         except psycopg2.Error as exc:
-            if cx.closed() or is_outage(exc):
+            if cx.closed() or is_our_outage(exc, self.conn):
                 raise
             failure = exc
         except BaseException as exc:  # whatever a step raises fails its try
             failure = exc
         if cx.ended_its_transaction():
             return Fatal(SELF_COMMITTED + (f"; then it failed: {failure}" if failure else ""))
+        if failure is None and cx.aborted():
+            failure = RuntimeError(ABORTED)
         if failure is not None:
             return failure
         assert step is not None
-        return self._outcome(job, step, result)
-
-    def _outcome(self, job: Job, step: Step, result: Any) -> To | BaseException:
-        """What the step returned, as a :class:`To` whose value is JSON text: ``None`` is
-        done; a plain value goes on to the next step, or from the last step is the result.
-        A mistake here is Fatal: retrying the same code would make the same mistake."""
-        last = step.index + 1 >= len(job.steps)
-        if not isinstance(result, To):
-            result = To.done() if result is None else To.done(result) if last else To.next(result)
-        elif result.kind != "done" and last:
-            return Fatal(
-                f"step {step.name!r} is the last step of job {job.name!r}, "
-                "so it cannot go on to a next one: return To.done(result)"
-            )
-        what = "result" if result.kind == "done" else "output"
-        if result.kind == "done" and result.value is None:
-            return result
-        try:
-            text = to_json(result.value, f"{what} of step {step.name!r} of {job.name!r}")
-        except (TypeError, ValueError) as exc:
-            return Fatal(str(exc))
-        return To(result.kind, text, result.wait)
+        return interpret(job, step, result)
 
     def _record(
         self,
@@ -428,11 +407,7 @@ class Worker(Service):
             and step.retry.should_retry(claim.attempt, claim.max_attempts, exc)
         )
         delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
-        error = clean_text(f"{type(exc).__name__}: {exc}", MAX_ERROR_CHARS)
-        trace = clean_text(
-            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-            MAX_TRACEBACK_CHARS,
-        )
+        error, trace = describe(exc)
         with conn.cursor() as cur:
             if cx.in_transaction and not cx.ended_its_transaction():
                 store.rollback(cur)
