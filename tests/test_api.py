@@ -141,11 +141,6 @@ def test_run_at_in_sql(adsn):
     assert scalar(adsn, "SELECT count(*) FROM underway.task") == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Context.enqueue (cx.enqueue in a step) takes delay and priority but not run_at: "
-    "TypeError, so a step cannot enqueue at an absolute time in its transaction",
-)
 @pytest.mark.timeout(30)
 def test_a_step_enqueues_at_an_absolute_time(adsn, make_worker):
     """A step's cx.enqueue(job, input, run_at=aware datetime) enqueues at that instant, in

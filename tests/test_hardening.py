@@ -726,12 +726,6 @@ def test_redact_dsn_hides_every_password(dsn, secret):
     assert "db" in shown  # the rest is still shown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redact_dsn: when the text before the last '@' holds '=', it splits at the last '@' "
-    "before the first '?', so a password holding both '=' and '?' (which libpq reads whole) "
-    "is shown",
-)
 def test_redact_dsn_hides_a_password_holding_equals_and_question_mark():
     """A URI password holding both '=' and '?' (libpq reads up to the '@') is hidden too."""
     shown = redact_dsn("postgresql://user:a=b?c@host/db")
@@ -762,11 +756,6 @@ def test_no_process_shows_the_password_of_dsn_in_ps(hdsn):
 
 @pytest.mark.slow
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="argparse takes '--ds' as an abbreviation of --dsn, but db.hide_dsn_argument only "
-    "moves '--dsn' and '--dsn=' out of the command line",
-)
 def test_an_abbreviated_dsn_option_is_hidden_from_ps_too(hdsn):
     """``--ds DSN``, which the command line accepts for ``--dsn``, is kept out of ``ps``
     as well."""

@@ -97,10 +97,19 @@ class Context:
         return self.connection.cursor(*args, **kwargs)
 
     def enqueue(
-        self, job: Job, input: Any = None, *, delay: Any = None, priority: int | None = None
+        self,
+        job: Job,
+        input: Any = None,
+        *,
+        delay: Any = None,
+        run_at: datetime | None = None,
+        priority: int | None = None,
     ) -> Task:
-        """Enqueue ``job`` inside this step's transaction: it exists only if the step commits."""
-        return job.enqueue(input, conn=self.connection, delay=delay, priority=priority)
+        """Enqueue ``job`` inside this step's transaction: it exists only if the step commits.
+        ``delay``, ``run_at`` and ``priority`` are as for :meth:`Job.enqueue`."""
+        return job.enqueue(
+            input, conn=self.connection, delay=delay, run_at=run_at, priority=priority
+        )
 
     def __repr__(self) -> str:
         return (

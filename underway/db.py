@@ -63,16 +63,23 @@ def redact_dsn(dsn: str) -> str:
     """The DSN with any password replaced by ``***``, fit for logs and error messages.
 
     In a URI the password is everything from the first ``:`` of the user part to the
-    *last* ``@`` before the query string, so that one with an unencoded ``/`` or ``@``
-    (which libpq would misread, and echo in its errors) is hidden whole."""
+    *last* ``@`` of the authority, so that one with an unencoded ``/``, ``?``, ``=`` or
+    ``@`` (which libpq would misread, and echo in its errors) is hidden whole."""
     if "://" not in dsn:
         return _PASSWORD_IN_KEYWORDS.sub(r"\1***", dsn)
     scheme, _, rest = dsn.partition("://")
-    last_at = rest.rfind("@")
-    if last_at > 0 and "=" not in rest[:last_at]:
-        split = last_at  # an unencoded "?" in the password, before the host
+    first_at, first_slash = rest.find("@"), rest.find("/")
+    if first_at >= 0 and (first_slash < 0 or first_at < first_slash):
+        # libpq's reading: user info up to an "@" before any "/". The password runs to the
+        # last "@" before the path, so "?", "=" or "@" in it are hidden too.
+        path = rest.find("/", first_at)
+        split = rest.rfind("@", 0, path if path >= 0 else len(rest))
     else:
-        split = rest.partition("?")[0].rfind("@")
+        last_at = rest.rfind("@")
+        if last_at > 0 and "=" not in rest[:last_at]:
+            split = last_at  # an unencoded "/" in the password, before the host
+        else:
+            split = rest.partition("?")[0].rfind("@")  # an "@" in a query parameter
     userinfo = rest[:split] if split > 0 else ""
     if ":" in userinfo:
         rest = f"{userinfo.split(':', 1)[0]}:***{rest[split:]}"
@@ -91,10 +98,9 @@ def hide_dsn_argument(module: str, argv: list[str]) -> None:
     rest, dsn = [], None
     args = iter(argv)
     for arg in args:
-        if arg == "--dsn":
-            dsn = next(args, None)
-        elif arg.startswith("--dsn="):
-            dsn = arg[len("--dsn=") :]
+        name, equals, value = arg.partition("=")
+        if name in ("--ds", "--dsn"):  # argparse takes the abbreviation --ds too
+            dsn = value if equals else next(args, None)
         else:
             rest.append(arg)
     if dsn is None:
