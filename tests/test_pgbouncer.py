@@ -222,17 +222,18 @@ def test_supervisor_runs_through_session_pooling(dsn, bouncer):
 
 @pytest.mark.timeout(60)
 def test_worker_whose_statements_land_in_two_sessions_stops_with_an_error(dsn, bouncer):
-    """A worker behind transaction pooling whose statements reach two server sessions (its
-    first server connection was taken by another client of the pool meanwhile) stops with
-    a ConfigurationError that names transaction pooling and says what DSN to give."""
+    """A worker behind transaction pooling stops with a ConfigurationError that names
+    transaction pooling and says what DSN to give: at connect, or, if its statements reach
+    two server sessions later (its first server connection taken by another client of the
+    pool meanwhile), when it next waits."""
     worker = Worker(bouncer.dsn("tx"), {jh.echo.name: jh.echo})
     other = psycopg2.connect(bouncer.dsn("tx"))
     try:
-        worker.connect()
-        with other.cursor() as cur:  # begins a transaction: holds a server connection
-            cur.execute("SELECT pg_backend_pid()")
-            assert cur.fetchone()[0] == worker.backend_pid
         with pytest.raises(ConfigurationError) as stopped:
+            worker.connect()
+            with other.cursor() as cur:  # begins a transaction: holds a server connection
+                cur.execute("SELECT pg_backend_pid()")
+                assert cur.fetchone()[0] == worker.backend_pid
             worker.wait()
     finally:
         other.close()
@@ -242,11 +243,6 @@ def test_worker_whose_statements_land_in_two_sessions_stops_with_an_error(dsn, b
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="the only check compares pg_backend_pid() across a worker's statements; on a quiet "
-    "pool they reach the same server connection, so nothing is noticed at connect",
-)
 def test_worker_behind_transaction_pooling_is_refused_when_it_connects(dsn, bouncer):
     """A worker given a transaction-pooling DSN is refused when it connects, before it
     relies on LISTEN and on being cleaned up by session, even while no other client
@@ -261,12 +257,6 @@ def test_worker_behind_transaction_pooling_is_refused_when_it_connects(dsn, boun
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="connect_bounded (supervisor, scheduler) runs a session-level SET statement_timeout "
-    "and nothing checks for transaction pooling, so the setting stays on a pooled server "
-    "connection and applies to the application's statements",
-)
 def test_bounded_connection_leaves_no_setting_on_a_transaction_pool(dsn, tiny_bouncer):
     """A supervisor's or scheduler's connection through a transaction-pooling PgBouncer is
     refused, or at least leaves no session setting behind for the application's own

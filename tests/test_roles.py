@@ -247,12 +247,6 @@ def test_least_privilege_roles_migrate_run_and_enqueue(roles, tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(
-    strict=True,
-    reason="migrations.BOOTSTRAP_SQL runs CREATE SCHEMA IF NOT EXISTS whenever "
-    "underway.migration is missing, which PostgreSQL refuses without CREATE on the "
-    "database even though the schema exists and belongs to the role",
-)
 def test_owner_of_a_schema_made_for_it_migrates_without_create_on_the_database(roles):
     """An owner given only its schema (made for it by an administrator, as the script's
     first run does) and no CREATE privilege on the database runs the first migration."""

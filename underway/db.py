@@ -200,6 +200,7 @@ def connect_bounded(dsn: str, *, application_name: str, timeout: float) -> Bound
         conn.timeout = timeout
         conn.settle()
         with conn.cursor() as cur:
+            refuse_transaction_pooling(dsn, store.session(cur)[0])
             # The server gives up a second after we do, for statements we abandoned.
             cur.execute("SET statement_timeout = %s", (int(timeout * 1000) + 1000,))
             conn.settle()
@@ -209,6 +210,42 @@ def connect_bounded(dsn: str, *, application_name: str, timeout: float) -> Bound
             f"cannot connect to the database at {redact_dsn(dsn)}: {reason}"
         ) from None
     return conn
+
+
+TRANSACTION_POOLED = (
+    "the database is reached through a transaction-pooling proxy (PgBouncer with "
+    "pool_mode=transaction?): supervisors, workers and schedulers LISTEN, keep session "
+    "settings and are cleaned up by session, so give them a direct or session-pooled DSN; "
+    "enqueue through the pool"
+)
+
+
+#: How long the transaction-pooling probe waits for its answer. A transaction pool answers
+#: at once (the session just released is free); a full session pool may never, and then
+#: there is nothing to refuse.
+PROBE_TIMEOUT = 2.0
+
+
+def refuse_transaction_pooling(dsn: str, backend_pid: int) -> None:
+    """Raise :class:`ConfigurationError` when a second session opened to ``dsn`` lands on
+    the server process of the one whose pid is ``backend_pid``: only a transaction-pooling
+    proxy hands one server session to two clients (a direct or session-pooled connection
+    never does), and it hands back the one just released first, so even a quiet pool
+    shows it. A probe that gets no answer in time proves nothing, and passes."""
+    settings = _connection_settings(dsn, "underway probe")
+    probe = None
+    try:
+        probe = psycopg2.connect(dsn, async_=True, connection_factory=BoundedConnection, **settings)
+        probe.timeout = PROBE_TIMEOUT
+        probe.settle()
+        with probe.cursor() as cur:
+            pid = store.session(cur)[0]
+    except psycopg2.OperationalError:
+        return
+    finally:
+        close_quietly(probe)
+    if pid == backend_pid:
+        raise ConfigurationError(TRANSACTION_POOLED)
 
 
 def close_quietly(conn: psycopg2.extensions.connection | None) -> None:

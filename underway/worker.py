@@ -40,7 +40,7 @@ import psycopg2.extensions
 
 from . import metrics, store, tracing
 from .context import Context
-from .db import is_our_outage, is_outage
+from .db import TRANSACTION_POOLED, is_our_outage, is_outage, refuse_transaction_pooling
 from .errors import ConfigurationError, Fatal, StepTimeout
 from .job import Job, Step, To
 from .outcome import ABORTED, SELF_COMMITTED, describe, interpret
@@ -187,6 +187,7 @@ class Worker(Service):
         assert self.conn is not None
         with self.conn.cursor() as cur:
             self.backend_pid, started = store.session(cur)
+            refuse_transaction_pooling(self.dsn, self.backend_pid)
             if self.async_commit:
                 store.set_async_commit(cur)
         self.slots.post_session(self.slot, self.backend_pid, started)
@@ -226,9 +227,7 @@ class Worker(Service):
         if pid != self.backend_pid:
             raise ConfigurationError(
                 f"the worker's statements ran in two server sessions ({self.backend_pid} and "
-                f"{pid}): it is behind a transaction-pooling proxy (PgBouncer with "
-                "pool_mode=transaction?). Workers LISTEN and are cleaned up by session: give "
-                "the supervisor a direct or session-pooled DSN; enqueue through the pool."
+                f"{pid}): {TRANSACTION_POOLED}"
             )
         timeout = self.poll_interval
         if due is not None:

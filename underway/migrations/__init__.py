@@ -19,14 +19,15 @@ from ..db import connect, resolve_dsn
 # pg_advisory_lock key shared by every process migrating an underway schema.
 MIGRATION_LOCK_KEY = 0x756E64657277  # "underw" in ASCII
 
-BOOTSTRAP_SQL = """
-CREATE SCHEMA IF NOT EXISTS underway;
-CREATE TABLE IF NOT EXISTS underway.migration (
+_CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS underway;\n"
+_CREATE_RECORD = """CREATE TABLE IF NOT EXISTS underway.migration (
     version integer PRIMARY KEY,
     name text NOT NULL,
     applied_at timestamptz NOT NULL DEFAULT now()
 );
 """
+BOOTSTRAP_SQL = "\n" + _CREATE_SCHEMA + _CREATE_RECORD
+"""The schema and the record of applied migrations, as a fresh install makes them."""
 
 _FILE_NAME = re.compile(r"^(\d{4})_(\w+)\.sql$")
 
@@ -66,7 +67,12 @@ def run_migrations(dsn: str | None = None) -> list[int]:
                 # privilege, so a role that may only use the schema can check it.
                 cur.execute("SELECT to_regclass('underway.migration') IS NULL")
                 if cur.fetchone()[0]:
-                    cur.execute(BOOTSTRAP_SQL)
+                    # CREATE SCHEMA needs CREATE on the database even when the schema
+                    # exists: skip it for one an administrator made for the owner.
+                    cur.execute("SELECT to_regnamespace('underway') IS NULL")
+                    if cur.fetchone()[0]:
+                        cur.execute(_CREATE_SCHEMA)
+                    cur.execute(_CREATE_RECORD)
                 cur.execute("SELECT version FROM underway.migration")
                 done = {row[0] for row in cur.fetchall()}
                 for migration in migrations():
