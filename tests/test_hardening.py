@@ -789,11 +789,6 @@ def test_step_that_commits_through_cx_fails_at_once_and_writes_once(hdsn, make_w
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="Context.ended_its_transaction looks only at the status at the end; a step that "
-    "COMMITs then BEGINs again looks untouched, so its committed write repeats on each retry",
-)
 def test_step_that_commits_and_begins_again_is_caught_too(hdsn, make_worker):
     """A step that COMMITs through cx and opens a new transaction before failing is caught
     as well: its write happens once, not once per try."""

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from .task import Task
 
 
+_IN_ERROR = psycopg2.extensions.TRANSACTION_STATUS_INERROR
+
+
 class Context:
     """What a step knows about its run, and its way into the worker's transaction.
 
@@ -37,6 +40,7 @@ class Context:
     ) -> None:
         self._conn = conn
         self.in_transaction = False
+        self._ended: bool | None = None
         #: The id of the task, the same for every step of this job run.
         self.task_id = task_id
         #: The name of the job.
@@ -64,21 +68,30 @@ class Context:
             if self.deadline is not None:
                 left_ms = max(int((self.deadline - time.monotonic()) * 1000), 1)
             with self._conn.cursor() as cur:
-                store.begin(cur, left_ms)
+                store.begin_step(cur, left_ms)
             self.in_transaction = True
         return self._conn
 
     def ended_its_transaction(self) -> bool:
         """Whether the step began the transaction (through :attr:`connection`) and then
-        ended it itself, with a COMMIT or ROLLBACK of its own: the worker must not."""
-        status = self._conn.info.transaction_status
-        return self.in_transaction and status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        ended it itself, with a COMMIT or ROLLBACK of its own (and maybe began another):
+        the worker must not commit what is left. Asked once, after the step."""
+        if self._ended is None:
+            status = self._conn.info.transaction_status
+            if not self.in_transaction or status == _IN_ERROR:
+                self._ended = False
+            elif status == psycopg2.extensions.TRANSACTION_STATUS_IDLE:
+                self._ended = True
+            else:
+                with self._conn.cursor() as cur:
+                    self._ended = not store.in_step_transaction(cur)
+        return self._ended
 
     def aborted(self) -> bool:
         """Whether the step's transaction is aborted: an SQL error the step caught and went
         on from. Nothing it wrote can commit."""
         status = self._conn.info.transaction_status
-        return self.in_transaction and status == psycopg2.extensions.TRANSACTION_STATUS_INERROR
+        return self.in_transaction and status == _IN_ERROR
 
     def closed(self) -> bool:
         """Whether the worker's connection is gone."""

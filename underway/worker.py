@@ -408,7 +408,9 @@ class Worker(Service):
         delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
         error, trace = describe(exc)
         with conn.cursor() as cur:
-            if cx.in_transaction and not cx.ended_its_transaction():
+            # Roll back whatever transaction is open: the step's (its writes must not
+            # commit), or one it began itself after ending ours.
+            if conn.info.transaction_status != psycopg2.extensions.TRANSACTION_STATUS_IDLE:
                 store.rollback(cur)
             state = store.record_failure(
                 cur,

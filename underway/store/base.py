@@ -149,6 +149,23 @@ def begin(cur: Cursor, statement_timeout_ms: int | None = None) -> None:
         cur.execute(f"BEGIN; SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
 
 
+def begin_step(cur: Cursor, statement_timeout_ms: int | None) -> None:
+    """Begin a step's transaction, marked so that :func:`in_step_transaction` can tell it
+    from one the step began itself after ending ours."""
+    timeout = (
+        ""
+        if statement_timeout_ms is None
+        else f"; SET LOCAL statement_timeout = {int(statement_timeout_ms)}"
+    )
+    cur.execute(f"BEGIN; SET LOCAL underway.step_transaction = 'on'{timeout}")
+
+
+def in_step_transaction(cur: Cursor) -> bool:
+    """Whether the open transaction is still the one :func:`begin_step` began."""
+    cur.execute("SELECT current_setting('underway.step_transaction', true) = 'on'")
+    return bool(cur.fetchone()[0])
+
+
 def commit(cur: Cursor) -> None:
     """Commit the transaction :func:`begin` opened."""
     cur.execute("COMMIT")
