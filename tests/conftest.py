@@ -20,7 +20,7 @@ import psycopg2
 import pytest
 from psycopg2.extensions import connection as PgConnection
 
-from .helpers import TESTS_DIR, describe, leaked_processes
+from .helpers import TESTS_DIR, describe, in_process_workers, leaked_processes
 from .pgtest import PgTestServer
 
 if str(TESTS_DIR) not in sys.path:
@@ -184,6 +184,38 @@ def _no_leaked_processes() -> Iterator[None]:
         "test left processes running (now killed):\n  " + "\n  ".join(descriptions),
         pytrace=False,
     )
+
+
+@pytest.fixture
+def adsn(dsn: str) -> str:
+    """The test database, with the tables the api jobs (``jobs_api``) write to."""
+    import jobs_api
+
+    from .helpers import query
+
+    query(dsn, jobs_api.DDL)
+    return dsn
+
+
+@pytest.fixture
+def make_worker(adsn: str) -> Iterator[Any]:
+    """In-process workers on this test's database, of the api jobs unless told which."""
+    import jobs_api
+
+    with in_process_workers(adsn, jobs_api.IN_PROCESS) as make:
+        yield make
+
+
+@pytest.fixture
+def cur(adsn: str) -> Iterator[Any]:
+    """A cursor on an autocommit connection, for upkeep units' run_once."""
+    conn = psycopg2.connect(adsn)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as c:
+            yield c
+    finally:
+        conn.close()
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from contextlib import suppress
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, TypeVar
@@ -424,3 +424,24 @@ def register(dsn, *jobs):
         upkeep.register()
     finally:
         upkeep.close()
+
+
+@contextmanager
+def in_process_workers(dsn: str, default_jobs: Sequence[Any] = ()) -> Iterator[Callable[..., Any]]:
+    """A maker of in-process workers on ``dsn`` (of the given jobs, else ``default_jobs``;
+    polling every 0.1 s unless told otherwise); their connections close afterwards."""
+    from underway.worker import Worker
+
+    made: list[Worker] = []
+
+    def make(*jobs: Any, **options: Any) -> Worker:
+        options.setdefault("poll_interval", 0.1)
+        worker = Worker(dsn, {job.name: job for job in (jobs or default_jobs)}, **options)
+        made.append(worker)
+        return worker
+
+    try:
+        yield make
+    finally:
+        for worker in made:
+            worker.disconnect()

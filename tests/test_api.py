@@ -26,46 +26,10 @@ from underway.errors import UnderwayError
 from underway.records import DeadLetterQueue, UnhandledJob
 from underway.scheduler import Scheduler
 from underway.upkeep import Heartbeat, Retention, UnhandledJobs
-from underway.worker import Worker
 
 from .helpers import query, scalar
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def adsn(dsn):
-    """The test database, with the tables the api jobs write to."""
-    query(dsn, ja.DDL)
-    return dsn
-
-
-@pytest.fixture
-def make_worker(adsn):
-    """In-process workers on this test's database; their connections close afterwards."""
-    made = []
-
-    def make(*jobs, **options):
-        options.setdefault("poll_interval", 0.1)
-        worker = Worker(adsn, {job.name: job for job in (jobs or ja.IN_PROCESS)}, **options)
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.disconnect()
-
-
-@pytest.fixture
-def cur(adsn):
-    """A cursor on an autocommit connection, for upkeep units' run_once."""
-    conn = psycopg2.connect(adsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as c:
-            yield c
-    finally:
-        conn.close()
 
 
 def flag(dsn, name="deliver", on=True):

@@ -23,35 +23,11 @@ from jobs_api import attempts, effects, state
 from jobs_faults import Gate, task_row
 
 from underway import CancelResult, TaskCancelled, TaskState, admin
-from underway.worker import Worker
 
 from .faults_common import wait_blocked
 from .helpers import Supervisor, query, scalar, wait_until
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def adsn(dsn):
-    """The test database, with the tables the api jobs write to."""
-    query(dsn, ja.DDL)
-    return dsn
-
-
-@pytest.fixture
-def make_worker(adsn):
-    """In-process workers on this test's database; their connections close afterwards."""
-    made = []
-
-    def make(*jobs, **options):
-        options.setdefault("poll_interval", 0.1)
-        worker = Worker(adsn, {job.name: job for job in (jobs or ja.IN_PROCESS)}, **options)
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.disconnect()
 
 
 @pytest.fixture

@@ -6,17 +6,14 @@ escape run as real subprocesses. The jobs are the api jobs, run by an in-process
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import jobs_api as ja
-import psycopg2
 import pytest
 from jobs_api import run_all
 
 from underway import TaskState, admin, cli
 from underway.upkeep import Heartbeat
-from underway.worker import Worker
 
 from .helpers import REPO_ROOT, query, register, run_python, scalar
 
@@ -24,18 +21,9 @@ EVIL = "evil\x1b[31m\nforged"
 
 
 @pytest.fixture
-def adsn(dsn):
-    """The test database, with the tables the api jobs write to."""
-    query(dsn, ja.DDL)
-    return dsn
-
-
-@pytest.fixture
-def worker(adsn):
+def worker(make_worker):
     """An in-process worker for the api jobs."""
-    made = Worker(adsn, {job.name: job for job in ja.IN_PROCESS}, poll_interval=0.1)
-    yield made
-    made.disconnect()
+    return make_worker()
 
 
 def run(capsys, *args):
@@ -205,7 +193,7 @@ def test_schedules_show_spec_zone_and_fires_in_their_zone_and_utc(adsn, capsys):
 
 
 @pytest.mark.timeout(30)
-def test_supervisors_show_host_pid_workers_and_what_they_run(adsn, capsys):
+def test_supervisors_show_host_pid_workers_and_what_they_run(adsn, cur, capsys):
     """`supervisors` lists live supervisors with host, pid, jobs, and each worker's task,
     step and for how long; without any it says so."""
     assert run(capsys, "supervisors") == (0, "no live supervisor\n", "")
@@ -218,12 +206,11 @@ def test_supervisors_show_host_pid_workers_and_what_they_run(adsn, capsys):
     )
     register(adsn, ja.echo)
     query(adsn, "DELETE FROM underway.supervisor")  # register's own; the one below is ours
-    with admin_cursor(adsn) as cur:
-        Heartbeat(
-            30.0,
-            ["api-echo"],
-            lambda: [{"slot": 0, "pid": 4242, "task_id": task.id}, {"slot": 1, "pid": 4243}],
-        ).run_once(cur)
+    Heartbeat(
+        30.0,
+        ["api-echo"],
+        lambda: [{"slot": 0, "pid": 4242, "task_id": task.id}, {"slot": 1, "pid": 4243}],
+    ).run_once(cur)
     _, out, _ = run(capsys, "supervisors")
     assert " 2 worker(s)" in out
     assert "jobs: api-echo" in out
@@ -231,18 +218,6 @@ def test_supervisors_show_host_pid_workers_and_what_they_run(adsn, capsys):
     assert "worker 1 pid 4243: idle" in out
     [sup] = json.loads(run(capsys, "supervisors", "--json")[1])
     assert sup["workers"][0]["task_id"] == task.id
-
-
-@contextlib.contextmanager
-def admin_cursor(dsn):
-    """An autocommitting cursor on ``dsn``, closed with its connection afterwards."""
-    conn = psycopg2.connect(dsn)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            yield cur
-    finally:
-        conn.close()
 
 
 @pytest.mark.timeout(30)

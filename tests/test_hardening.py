@@ -33,9 +33,9 @@ from underway.job import registered_jobs
 from underway.records import Undecodable
 from underway.upkeep import LapsedLeases, Retention
 from underway.values import MAX_ERROR_CHARS, MAX_PAYLOAD_BYTES, MAX_TRACEBACK_CHARS
-from underway.worker import SELF_COMMITTED, Worker
+from underway.worker import SELF_COMMITTED
 
-from .helpers import Supervisor, query, scalar, wait_until
+from .helpers import Supervisor, in_process_workers, query, scalar, wait_until
 
 #: Stored JSON PostgreSQL takes and Python cannot decode: a number of 5,001 digits (Python
 #: refuses to convert more than 4,300), and arrays nested 3,000 deep (past the recursion limit).
@@ -62,17 +62,8 @@ def hdsn(dsn):
 @pytest.fixture
 def make_worker(hdsn):
     """In-process workers on this test's database; their connections close afterwards."""
-    made = []
-
-    def make(*jobs, **options):
-        options.setdefault("poll_interval", 0.1)
-        worker = Worker(hdsn, {job.name: job for job in (jobs or IN_PROCESS_JOBS)}, **options)
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.disconnect()
+    with in_process_workers(hdsn, IN_PROCESS_JOBS) as make:
+        yield make
 
 
 def sql_enqueue(dsn, job, input_json, **named):

@@ -27,10 +27,9 @@ from jobs_lifecycle import attempts, effects
 
 from underway import CancelResult, TaskState, admin
 from underway.task import cancel_task, task_info
-from underway.worker import Worker
 
 from .faults_common import wait_blocked, wait_idle
-from .helpers import Supervisor, query, scalar, wait_until
+from .helpers import Supervisor, in_process_workers, query, scalar, wait_until
 
 #: Jobs an in-process worker may run (never ``lifecycle-crash``: it SIGKILLs its worker, nor
 #: ``lifecycle-poll``, which waits for a cancellation).
@@ -70,17 +69,8 @@ def lgate(ldsn):
 @pytest.fixture
 def make_worker(ldsn):
     """In-process workers on this test's database; their connections close afterwards."""
-    made = []
-
-    def make(*jobs, **options):
-        options.setdefault("poll_interval", 0.1)
-        worker = Worker(ldsn, {job.name: job for job in (jobs or IN_PROCESS_JOBS)}, **options)
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.disconnect()
+    with in_process_workers(ldsn, IN_PROCESS_JOBS) as make:
+        yield make
 
 
 def supervisor(dsn, *args, workers=1):

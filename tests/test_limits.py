@@ -27,34 +27,10 @@ from underway import Job, TaskState, admin
 from underway.errors import ConfigurationError
 from underway.job import unregister_job
 from underway.records import Limit
-from underway.worker import Worker
 
 from .helpers import Supervisor, query, register, scalar, wait_until
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def adsn(dsn):
-    """The test database, with the tables the api jobs write to."""
-    query(dsn, ja.DDL)
-    return dsn
-
-
-@pytest.fixture
-def make_worker(adsn):
-    """In-process workers on this test's database; their connections close afterwards."""
-    made = []
-
-    def make(*jobs, **options):
-        options.setdefault("poll_interval", 0.1)
-        worker = Worker(adsn, {job.name: job for job in jobs}, **options)
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.disconnect()
 
 
 def supervisor(dsn, *args, workers=2):

@@ -23,34 +23,10 @@ from jobs_faults import Gate, holds_for, task_row
 import underway
 from underway import TaskCancelled, TaskFailed, TaskState, admin
 from underway.testing import run_inline
-from underway.worker import Worker
 
 from .helpers import query, register, scalar, wait_until
 
 # -- fixtures and helpers -------------------------------------------------------------------
-
-
-@pytest.fixture
-def adsn(dsn):
-    """The test database, with the tables the api jobs write to."""
-    query(dsn, ja.DDL)
-    return dsn
-
-
-@pytest.fixture
-def make_worker(adsn):
-    """In-process workers on this test's database; their connections close afterwards."""
-    made = []
-
-    def make(*jobs, **options):
-        options.setdefault("poll_interval", 0.1)
-        worker = Worker(adsn, {job.name: job for job in (jobs or ja.IN_PROCESS)}, **options)
-        made.append(worker)
-        return worker
-
-    yield make
-    for worker in made:
-        worker.disconnect()
 
 
 @pytest.fixture
