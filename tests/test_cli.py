@@ -7,6 +7,11 @@ escape run as real subprocesses. The jobs are the api jobs, run by an in-process
 from __future__ import annotations
 
 import json
+import os
+import pty
+import select
+import subprocess
+import sys
 
 import jobs_api as ja
 import pytest
@@ -268,3 +273,40 @@ def test_console_script_and_json_are_clean_subprocess_output(adsn):
     missing = run_python(["-m", "underway.admin", "--dsn", adsn, "show", "5"], timeout=30)
     assert (missing.returncode, missing.stdout) == (1, "")
     assert missing.stderr.startswith("underway: no task 5")
+
+
+@pytest.mark.timeout(60)
+def test_retry_by_job_shows_progress_on_a_terminal_only(adsn):
+    """`retry --job` over 1,500 failed tasks writes its progress to standard error when
+    that is a terminal, and nothing there when it is a pipe."""
+    query(
+        adsn,
+        "INSERT INTO underway.task (job, input, state, attempts, finished_at)"
+        " SELECT 'api-fails', '{}', 'failed', 2, now() FROM generate_series(1, 1500)",
+    )
+    primary, secondary = pty.openpty()
+    try:
+        ran = subprocess.run(
+            [sys.executable, "-m", "underway.admin", "--dsn", adsn, "retry", "--job", "api-fails"],
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            timeout=60,
+            cwd=REPO_ROOT,
+        )
+        os.close(secondary)
+        shown = b""
+        while select.select([primary], [], [], 0.5)[0]:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(primary)
+    assert ran.returncode == 0 and ran.stdout.startswith(b"retried 1500 task(s)"), ran
+    assert b"1,000 of 1,500" in shown and b"1,500 of 1,500" in shown, shown
+    query(adsn, "UPDATE underway.task SET state = 'failed' WHERE job = 'api-fails'")
+    piped = run_python(["-m", "underway.admin", "--dsn", adsn, "retry", "--job", "api-fails"])
+    assert (piped.returncode, piped.stderr) == (0, ""), piped
