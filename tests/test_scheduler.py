@@ -756,7 +756,8 @@ def test_no_scheduler_option_fires_no_ticks(dsn, runs, conn):
 
 def test_connection_budget_with_scheduler(dsn, runs, conn):
     """A supervisor with --workers 2 and a busy per-second schedule never has more than
-    2 + 2 = 4 backends named 'underway%': itself, two workers and one scheduler."""
+    2 + 2 = 4 backends named 'underway%': itself, two workers and one scheduler (besides
+    the short probe each opens while it connects, to refuse transaction pooling)."""
     report.schedule(EVERY_SECOND, {"kind": "every-second"})
     underway.configure(dsn=dsn)  # closes this process's own 'underway enqueue' connection
     seen: list[int] = []
@@ -766,6 +767,7 @@ def test_connection_budget_with_scheduler(dsn, runs, conn):
             cur.execute(
                 "SELECT count(*) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND application_name LIKE 'underway%'"
+                " AND application_name <> 'underway probe'"
             )
             seen.append(cur.fetchone()[0])
             return run_count(cur) >= 4 and len(roles_of(cur, sup)) >= 4
