@@ -25,7 +25,7 @@ from underway import RetryPolicy, TaskState, admin
 from underway.errors import UnderwayError
 from underway.records import DeadLetterQueue, UnhandledJob
 from underway.scheduler import Scheduler
-from underway.upkeep import Heartbeat, Retention, UnhandledJobs
+from underway.upkeep import PURGE_CATCH_UP, PURGE_INTERVAL, Heartbeat, Retention, UnhandledJobs
 
 from .helpers import query, scalar
 
@@ -361,6 +361,35 @@ def old_ticks(dsn, job, name, fire_ats, handled_ago):
 
 def ticks(dsn):
     return query(dsn, "SELECT job, name, fire_at FROM underway.schedule_tick ORDER BY 1, 2, 3")
+
+
+@pytest.mark.timeout(30)
+def test_retention_keeps_pace_with_a_busy_queue(adsn, cur):
+    """A pass that runs out of time with expired tasks left comes back after a second, not
+    a minute; passes then delete the rest (and never an unexpired task), and once nothing
+    expired is left, the next pass is a minute away again."""
+    query(
+        adsn,
+        "INSERT INTO underway.task (job, input, state, finished_at, expires_at) "
+        "SELECT 'api-echo', '{}', 'succeeded', now(), now() - interval '1 second' * g "
+        "FROM generate_series(1, 2500) AS g",
+    )
+    query(
+        adsn,
+        "INSERT INTO underway.task (job, input, state, finished_at, expires_at) "
+        "SELECT 'api-echo', '{}', 'succeeded', now(), now() + interval '1 hour' "
+        "FROM generate_series(1, 10)",
+    )
+    hurried = Retention(batch=100, budget=0.0)
+    hurried.run_once(cur)
+    assert scalar(adsn, "SELECT count(*) FROM underway.task") == 2410
+    assert hurried.interval == PURGE_CATCH_UP
+
+    unhurried = Retention(batch=100, budget=60.0)
+    unhurried.run_once(cur)
+    assert scalar(adsn, "SELECT count(*) FROM underway.task WHERE expires_at <= now()") == 0
+    assert scalar(adsn, "SELECT count(*) FROM underway.task") == 10
+    assert unhurried.interval == PURGE_INTERVAL
 
 
 @pytest.mark.timeout(30)

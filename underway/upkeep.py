@@ -52,8 +52,15 @@ PURGE_INTERVAL = 60.0
 PURGE_BATCH = 500
 """Finished tasks deleted per retention transaction: small, so no pass holds much."""
 
-PURGE_BATCHES = 20
-"""Retention transactions per pass at most; the rest waits for the next pass."""
+PRUNE_TICKS = 10_000
+"""Fired schedule ticks forgotten per pass at most."""
+
+PURGE_BUDGET = 0.5
+"""Seconds one retention pass may spend deleting, so the other units never wait long."""
+
+PURGE_CATCH_UP = 1.0
+"""Seconds until the next retention pass when the last one left expired tasks behind: a
+busy queue finishes more tasks a minute than one pass may delete."""
 
 ALIVE_WITHIN = 3.0
 """A supervisor whose heartbeat is older than this many renewal intervals is gone."""
@@ -183,26 +190,33 @@ class UnhandledJobs(Unit):
 
 class Retention(Unit):
     """Deletes finished tasks past their ``keep_for``, in small batches that skip locked
-    rows, so workers never wait on it; and forgets old ticks, statistics and supervisors."""
+    rows, so workers never wait on it; and forgets old ticks, statistics and supervisors.
 
-    interval = PURGE_INTERVAL
+    A pass stops after :data:`PURGE_BUDGET` seconds. If it stopped with expired tasks
+    left, the next pass comes after :data:`PURGE_CATCH_UP` seconds instead of a minute, so
+    retention keeps pace with any drain rate instead of falling further behind each minute.
+    """
 
-    def __init__(self, batch: int = PURGE_BATCH, max_batches: int = PURGE_BATCHES) -> None:
+    def __init__(self, batch: int = PURGE_BATCH, budget: float = PURGE_BUDGET) -> None:
         self.batch = batch
-        self.max_batches = max_batches
+        self.budget = budget
+        self.interval = PURGE_INTERVAL
 
     def run_once(self, cur: Cursor) -> None:
-        deleted = 0
-        for _ in range(self.max_batches):
+        deleted, ends = 0, time.monotonic() + self.budget
+        while True:
             count = store.purge_expired(cur, self.batch)
             deleted += count
-            if count < self.batch:
+            behind = count == self.batch
+            if not behind or time.monotonic() >= ends:
                 break
+        self.interval = PURGE_CATCH_UP if behind else PURGE_INTERVAL
         if deleted:
             log.info("retention: deleted %d finished tasks past their keep_for", deleted)
-        store.prune_ticks(cur, self.batch * self.max_batches)
-        store.prune_statistics(cur)
-        store.prune_supervisors(cur)
+        if not behind:
+            store.prune_ticks(cur, PRUNE_TICKS)
+            store.prune_statistics(cur)
+            store.prune_supervisors(cur)
 
 
 class Upkeep:
