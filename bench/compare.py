@@ -26,13 +26,20 @@ from bench.peers.underway_ import UnderwayPeer
 
 
 class TreePeer(UnderwayPeer):
-    """underway's default mode, its workers importing underway from ``tree``."""
+    """underway's default mode, its workers importing underway from ``tree``.
+
+    ``python -m`` puts the working directory (the repository, where the bench runs its
+    workers) first on ``sys.path``, ahead of ``PYTHONPATH``: ``PYTHONSAFEPATH`` (Python
+    3.11) leaves it out, so that the tree's ``underway`` is the one imported."""
 
     tree: str = ""
 
     def worker_env(self, dsn: str) -> dict[str, str]:
+        if sys.version_info < (3, 11):
+            raise SystemExit("comparing source trees needs Python 3.11 (PYTHONSAFEPATH)")
         env = super().worker_env(dsn)
-        return {**env, "PYTHONPATH": os.pathsep.join([self.tree, *harness._pythonpath()])}
+        path = os.pathsep.join([self.tree, str(harness.REPO), *harness._pythonpath()])
+        return {**env, "PYTHONPATH": path, "PYTHONSAFEPATH": "1"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -182,11 +182,13 @@ class Probe:
         """What a worker process needs to find the probe."""
         return {"BENCH_PROBE": self.path}
 
-    def marks(self) -> array:
-        """A copy of every slot (0.0: not marked yet)."""
+    def marks(self, first: int = 0, end: int | None = None) -> array:
+        """A copy of slots ``first``..``end`` (all by default; 0.0: not marked yet)."""
+        end = self.slots if end is None else end
         values = array("d")
         with open(self.path, "rb") as f:
-            values.frombytes(f.read(self.slots * 8))
+            f.seek(first * 8)
+            values.frombytes(f.read((end - first) * 8))
         return values
 
     def unmarked(self) -> int:
@@ -201,7 +203,7 @@ class Probe:
         end = self.slots if last is None else last
 
         def done() -> bool:
-            if self.marks()[first:end].count(0.0) == 0:
+            if self.marks(first, end).count(0.0) == 0:
                 return True
             workers.check_alive()
             return False
@@ -224,7 +226,8 @@ class Workers:
     def __init__(self, commands: Sequence[Sequence[str]], env: dict[str, str]) -> None:
         self.logs: list[Any] = []
         self.procs: list[subprocess.Popen[bytes]] = []
-        full_env = {**os.environ, **env, "PYTHONPATH": os.pathsep.join([str(REPO), *_pythonpath()])}
+        path = env.get("PYTHONPATH") or os.pathsep.join([str(REPO), *_pythonpath()])
+        full_env = {**os.environ, **env, "PYTHONPATH": path}
         for command in commands:
             log = tempfile.TemporaryFile()  # noqa: SIM115 (kept open until stop())
             self.logs.append(log)
@@ -419,28 +422,36 @@ def median_of(runs: list[dict[str, Any]], key: str = "value") -> float:
 def measure_drain(
     server: Server, peer: Peer, workers: int, n: int, timeout: float = 900.0
 ) -> dict[str, Any]:
-    """Pre-enqueue ``n`` no-op tasks, run the peer's workers until the queue is drained, and
-    return tasks per second over the span from the first step start to the last."""
+    """Pre-enqueue ``n`` no-op tasks in a fresh database and drain them (:func:`drain`)."""
     with server.database(peer.key) as dsn:
         peer.prepare(dsn)
-        peer.prefill(dsn, list(range(n)))
-        server.checkpoint()
-        probe = Probe(n * peer.steps)
-        started = time.perf_counter()
-        procs = Workers(
-            peer.worker_commands(dsn, workers, burst=True),
-            {**peer.worker_env(dsn), **probe.env, "BENCH_TOTAL": str(n)},
-        )
-        try:
-            probe.wait(procs, timeout)
-            poll(lambda: peer.remaining(dsn) == 0, 60, f"{peer.label} to record every task done")
-            if peer.bursts:
-                procs.wait_exit(60)
-            wall = time.perf_counter() - started
-        finally:
-            procs.stop(peer.stop_signal)
-            marks = probe.marks()
-            probe.close()
+        return drain(server, dsn, peer, workers, n, timeout)
+
+
+def drain(
+    server: Server, dsn: str, peer: Peer, workers: int, n: int, timeout: float = 900.0
+) -> dict[str, Any]:
+    """Enqueue ``n`` no-op tasks into the prepared database ``dsn``, run the peer's workers
+    until the queue is drained, and return tasks per second over the span from the first
+    step start to the last."""
+    peer.prefill(dsn, list(range(n)))
+    server.checkpoint()
+    probe = Probe(n * peer.steps)
+    started = time.perf_counter()
+    procs = Workers(
+        peer.worker_commands(dsn, workers, burst=True),
+        {**peer.worker_env(dsn), **probe.env, "BENCH_TOTAL": str(n)},
+    )
+    try:
+        probe.wait(procs, timeout)
+        poll(lambda: peer.remaining(dsn) == 0, 60, f"{peer.label} to record every task done")
+        if peer.bursts:
+            procs.wait_exit(60)
+        wall = time.perf_counter() - started
+    finally:
+        procs.stop(peer.stop_signal)
+        marks = probe.marks()
+        probe.close()
     span = max(marks) - min(marks)
     return {
         "value": (n - 1) / span if span > 0 else math.nan,

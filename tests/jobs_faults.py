@@ -178,7 +178,7 @@ def idle_listening_workers(dsn: str) -> list[str]:
         for name, state, query in underway_backends(dsn)
         if name.startswith("underway worker ")
         and state == "idle"
-        and "extract(epoch FROM run_at - now())" in query
+        and query.startswith("EXECUTE underway_seconds_until_due")
     ]
 
 

@@ -178,6 +178,23 @@ def commit_then(cx: Any, inp: dict[str, Any]) -> Any:
     return None
 
 
+deallocator = Job(
+    "hardening-deallocate", retry=RetryPolicy(max_attempts=ECHO_TRIES, initial_interval=0)
+)
+
+
+@deallocator.step
+def deallocate_then(cx: Any, inp: dict[str, Any]) -> Any:
+    """Write an effect row, DEALLOCATE ALL the session's prepared statements (the
+    worker's among them), then fail or return as ``inp["then"]`` says."""
+    record(cx, inp)
+    with cx.cursor() as cur:
+        cur.execute("DEALLOCATE ALL")
+    if inp["then"] == "raise":
+        raise RuntimeError("failed after deallocating")
+    return None
+
+
 # -- a step that holds a lock while it waits --------------------------------------------------
 
 holder = Job("hardening-hold", retry=RetryPolicy(max_attempts=ECHO_TRIES, initial_interval=0))

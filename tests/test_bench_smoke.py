@@ -93,3 +93,40 @@ def test_missing_peers_are_skipped_with_a_reason(dsn: str, tmp_path: Path) -> No
     assert set(skipped) == {"RQ (forking Worker)", "RQ (SimpleWorker)"}
     assert all("redis-server" in r or "not installed" in r for r in skipped.values()), skipped
     assert results["figures"] == [] and results["errors"] == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_scale_smoke_run_reports_every_figure(dsn: str, tmp_path: Path) -> None:
+    """``bench/scale.py --smoke``: the deep-queue drain, the drain beside finished rows and
+    the steady load all run and report their figures; the steady load's samples saw every
+    task picked up and the tables' sizes, dead tuples and pickups measured."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "bench" / "scale.py"),
+            "--smoke",
+            "--dsn",
+            dsn,
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"scale failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    results = json.loads((tmp_path / "scale.json").read_text())
+    assert results["meta"]["mode"] == "smoke"
+    pending, finished, steady = results["pending"], results["finished"], results["steady"]
+    assert pending["large_pending"] == 10 * pending["small_pending"]
+    assert pending["small_per_s"] > 0 and pending["large_per_s"] > 0
+    assert finished["finished_rows"] == 20_000 and finished["finished_per_s"] > 0
+    assert steady["enqueued"] > 0 and steady["enqueue_per_s"] > 0
+    samples = steady["samples"]
+    assert len(samples) >= 3
+    assert samples[-1]["pending"] == 0 and samples[-1]["finished"] == steady["enqueued"]
+    assert samples[-1]["task_mb"] > 0 and "task_ready_idx" in samples[-1]["indexes_mb"]
+    assert all(not math.isnan(s["pickup_p50_ms"]) for s in samples[1:-1])
+    assert "steady:" in proc.stdout and "pending:" in proc.stdout

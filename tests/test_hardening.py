@@ -33,7 +33,7 @@ from underway.job import registered_jobs
 from underway.records import Undecodable
 from underway.upkeep import LapsedLeases, Retention
 from underway.values import MAX_ERROR_CHARS, MAX_PAYLOAD_BYTES, MAX_TRACEBACK_CHARS
-from underway.worker import SELF_COMMITTED
+from underway.worker import DEALLOCATED, SELF_COMMITTED
 
 from .helpers import Supervisor, in_process_workers, query, scalar, wait_until
 
@@ -46,7 +46,7 @@ DEEP = "[" * 3000 + "]" * 3000
 RESTART_WORDS = ("crashed", "restarting", "killed by", "exited with status")
 
 #: Jobs the in-process workers run.
-IN_PROCESS_JOBS = (jh.echo, jh.dlq_echo, jh.awkward, jh.committer, jh.outsized)
+IN_PROCESS_JOBS = (jh.echo, jh.dlq_echo, jh.awkward, jh.committer, jh.deallocator, jh.outsized)
 
 
 # -- fixtures and helpers -------------------------------------------------------------------
@@ -788,3 +788,40 @@ def test_step_that_commits_and_begins_again_is_caught_too(hdsn, make_worker):
     run_all(worker)
     assert state_of(hdsn, task.id)[:2] == ("failed", 1)
     assert jh.effects(hdsn, task.id) == [(task.id, "hardening-commit", 1)]
+
+
+# -- a step that deallocates the worker's prepared statements ---------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_step_that_deallocates_the_workers_statements_fails_and_the_worker_goes_on(
+    hdsn, make_worker
+):
+    """A step that runs DEALLOCATE ALL through cx and returns: its try fails for good with
+    the explanation and its write is rolled back; the worker prepares its statements again
+    and runs the next task. (A task before it has the worker's statements prepared.)"""
+    worker = make_worker()
+    before = jh.echo.enqueue({"n": 0})
+    task = jh.deallocator.enqueue({"then": "return"})
+    after = jh.echo.enqueue({"n": 1})
+    run_all(worker)
+    state, attempts, error = state_of(hdsn, task.id)
+    assert (state, attempts) == ("failed", 1)
+    assert DEALLOCATED in error
+    assert jh.effects(hdsn, task.id) == []
+    assert state_of(hdsn, before.id)[0] == state_of(hdsn, after.id)[0] == "succeeded"
+
+
+@pytest.mark.timeout(30)
+def test_step_that_deallocates_then_raises_is_retried_as_any_failure(hdsn, make_worker):
+    """A step that runs DEALLOCATE ALL and then raises: the failure is recorded as any
+    other (the worker prepares its statement again), retried up to its tries, and no write
+    of a failed try is kept."""
+    worker = make_worker()
+    jh.echo.enqueue({"n": 0})
+    task = jh.deallocator.enqueue({"then": "raise"})
+    run_all(worker)
+    state, attempts, error = state_of(hdsn, task.id)
+    assert (state, attempts) == ("failed", jh.ECHO_TRIES)
+    assert "failed after deallocating" in error
+    assert jh.effects(hdsn, task.id) == []

@@ -652,7 +652,7 @@ def test_wait_wakes_on_notification(dsn, make_worker):
                     dsn,
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE %s"
                     " AND state = 'idle' AND query LIKE %s",
-                    ("underway worker%", "%extract(epoch FROM run_at - now())%"),
+                    ("underway worker%", "EXECUTE underway_seconds_until_due%"),
                 ),
                 message="the worker to start waiting",
             )

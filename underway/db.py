@@ -141,12 +141,27 @@ def _connection_settings(dsn: str, application_name: str) -> dict[str, str]:
     return settings
 
 
-def connect(dsn: str, *, application_name: str = "underway") -> psycopg2.extensions.connection:
+class PreparingConnection(psycopg2.extensions.connection):
+    """A connection on which :mod:`underway.store` prepares the worker's per-task queries
+    once per session (see :data:`underway.store.base.PREPARED`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The queries prepared on this session so far.
+        self.prepared: set[str] = set()
+
+
+def connect(
+    dsn: str, *, application_name: str = "underway", prepare: bool = False
+) -> psycopg2.extensions.connection:
     """Open an autocommit connection; transactions are begun explicitly where needed.
+    With ``prepare``, a :class:`PreparingConnection`.
 
     Raises :class:`psycopg2.OperationalError` with the password left out of its message.
     """
     settings = _connection_settings(dsn, application_name)
+    if prepare:
+        settings["connection_factory"] = PreparingConnection
     try:
         conn = psycopg2.connect(dsn, **settings)
     except psycopg2.OperationalError as exc:

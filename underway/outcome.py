@@ -19,6 +19,11 @@ SELF_COMMITTED = (
     "worker commit; write through cx.cursor() without committing"
 )
 
+DEALLOCATED = (
+    "the step deallocated the worker's prepared statements (DEALLOCATE ALL), which lost "
+    "its transaction: its writes were rolled back. Leave the worker's statements alone"
+)
+
 ABORTED = (
     "the step's transaction was aborted by an SQL error the step caught and went on from; "
     "nothing it wrote can commit. Let the error propagate, or roll back to a savepoint"

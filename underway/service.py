@@ -47,6 +47,9 @@ class Service:
     #: :class:`~underway.db.BoundedConnection`): for services whose statements are all
     #: underway's own, not a step's.
     bounded = False
+    #: Whether the service's per-task queries are prepared once per session (see
+    #: :class:`~underway.db.PreparingConnection`).
+    prepares = False
 
     def __init__(self, dsn: str, *, wakeup_fd: int | None = None, db_timeout: float = 10.0) -> None:
         self.dsn = dsn
@@ -102,7 +105,7 @@ class Service:
                     self.dsn, application_name=name, timeout=self.db_timeout
                 )
             else:
-                self.conn = connect(self.dsn, application_name=name)
+                self.conn = connect(self.dsn, application_name=name, prepare=self.prepares)
             check_schema(self.conn)
             with self.conn.cursor() as cur:
                 store.listen(cur, self.channel)

@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 
 from . import metrics, store, tracing
@@ -43,7 +44,7 @@ from .context import Context
 from .db import TRANSACTION_POOLED, is_our_outage, is_outage, refuse_transaction_pooling
 from .errors import ConfigurationError, Fatal, StepTimeout
 from .job import Job, Step, To
-from .outcome import ABORTED, SELF_COMMITTED, describe, interpret
+from .outcome import ABORTED, DEALLOCATED, SELF_COMMITTED, describe, interpret
 from .records import Claim, Release
 from .service import Service
 from .slots import Slots
@@ -89,6 +90,7 @@ class Worker(Service):
 
     role = "worker"
     log = log
+    prepares = True
 
     def __init__(
         self,
@@ -334,7 +336,11 @@ class Worker(Service):
         """Record the try's outcome in the step's transaction and commit."""
         if isinstance(outcome, BaseException):
             return self._fail(conn, cx, claim, step, outcome)
-        return self._finish(conn, cx, claim, job, outcome, claim_next)
+        try:
+            return self._finish(conn, cx, claim, job, outcome, claim_next)
+        except psycopg2.errors.InvalidSqlStatementName:
+            # The step's transaction is lost with the statement: the try fails for good.
+            return self._fail(conn, cx, claim, step, Fatal(DEALLOCATED))
 
     def _last_task_due(self) -> bool:
         """Whether the task now ending is the last this worker may run (``max_tasks``)."""

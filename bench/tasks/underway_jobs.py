@@ -1,4 +1,8 @@
-"""underway's no-op job and two-step job, run by ``python -m underway.supervisor``.
+"""underway's no-op jobs and two-step job, run by ``python -m underway.supervisor``.
+
+``bench-steady`` is the no-op job of the steady-load run (``bench/scale.py``): its finished
+tasks are kept for a minute only, so retention and autovacuum reach a steady state within
+the run, as they do in production over ``keep_for``.
 
 The two-step job's second step marks its probe slot ``$BENCH_TOTAL`` places after the first
 step's, so the drain span covers both steps of every run.
@@ -16,11 +20,18 @@ TOTAL = int(os.environ.get("BENCH_TOTAL", "0"))
 
 noop = Job("bench-noop")
 two_step = Job("bench-two-step")
+steady = Job("bench-steady", keep_for=60)
 
 
 @noop.step
 def run(cx: Any, i: int) -> None:
     """The no-op step: only the probe's mark."""
+    mark(i)
+
+
+@steady.step
+def tick(cx: Any, i: int) -> None:
+    """The steady-load no-op step: only the probe's mark."""
     mark(i)
 
 
