@@ -461,6 +461,9 @@ class Worker(Service):
         delay: float | None = None,
         trace: str | None = None,
     ) -> None:
+        level = logging.INFO if event in ("started", "succeeded", "advanced") else logging.WARNING
+        if not log.isEnabledFor(level):
+            return  # two lines per task: skip building them when nobody reads them
         step_name = step.name if step else "?"
         message = "task %s: job=%s task_id=%s step=%s(%s) attempt=%s/%s"
         args: list[Any] = [
@@ -481,7 +484,6 @@ class Worker(Service):
         if error is not None:
             message += " error=%s"
             args.append(error)
-        level = logging.INFO if event in ("started", "succeeded", "advanced") else logging.WARNING
         log.log(
             level,
             message,
