@@ -1,5 +1,5 @@
 """Compare underway's drain throughput between source trees, side by side in one run:
-``python bench/compare.py --tree before=/tmp/before --tree after=.``
+``python bench/compare.py --tree before=/tmp/before --tree after=. [--together]``
 
 Each round drains the same number of pre-enqueued no-op tasks once per tree, in turn, on
 one PostgreSQL (fresh database each time), with the workers importing underway from that
@@ -7,14 +7,21 @@ tree; it prints every run, each tree's median and its ratio to the first tree's.
 change's before and after: check out the old commit into a directory (``git worktree``
 or ``git archive``) and give both. The schema is migrated by this process's underway, so
 compare trees with the same migrations.
+
+On a shared machine, whose speed can drift by a third from one minute to the next, use
+``--together``: each round then drains every tree *at the same time*, each in its own
+database, and counts the tasks each finished in the same ``--window`` seconds, so that
+whatever slows the machine slows every tree alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -50,7 +57,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dsn", help="reuse this server (default: an embedded one)")
+    parser.add_argument("--together", action="store_true", help="drain the trees at once")
+    parser.add_argument("--window", type=float, default=10.0, help="seconds (--together)")
     return parser.parse_args(argv)
+
+
+def tree_peer(path: str) -> TreePeer:
+    """A peer running underway from the tree at ``path``."""
+    peer = TreePeer()
+    peer.tree = str(Path(path).resolve())
+    return peer
+
+
+def drain_together(
+    server: harness.Server, trees: list[tuple[str, str]], workers: int, tasks: int, window: float
+) -> dict[str, float]:
+    """Start every tree's workers at once on databases of their own; tasks per second each
+    finished in the same ``window`` seconds, once all had started."""
+    peers = {name: tree_peer(path) for name, path in trees}
+    with contextlib.ExitStack() as stack:
+        dsns = {
+            name: stack.enter_context(server.database(f"compare_{i}"))
+            for i, (name, _) in enumerate(trees)
+        }
+        probes = {}
+        for name, peer in peers.items():
+            peer.prepare(dsns[name])
+            peer.prefill(dsns[name], list(range(tasks)))
+            probes[name] = stack.enter_context(contextlib.closing(harness.Probe(tasks)))
+        server.checkpoint()
+        procs = {
+            name: harness.Workers(
+                peer.worker_commands(dsns[name], workers, burst=False),
+                {**peer.worker_env(dsns[name]), **probes[name].env},
+            )
+            for name, peer in peers.items()
+        }
+        try:
+            for name in peers:
+                harness.poll(
+                    lambda name=name: probes[name].unmarked() < tasks, 60, f"{name} to start"
+                )
+            start = time.time() + 1.0  # past every tree's first second
+            time.sleep(window + 1.0)  # the measured window (a span, not a synchronisation)
+        finally:
+            for group in procs.values():
+                group.stop()
+        rates = {}
+        for name in peers:
+            marks = probes[name].marks()
+            if marks.count(0.0) == 0 and max(marks) < start + window:
+                raise SystemExit(
+                    f"{name} drained all {tasks:,} tasks inside the window: give more --tasks"
+                )
+            rates[name] = sum(1 for m in marks if start <= m < start + window) / window
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,12 +123,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[float]] = {name: [] for name, _ in trees}
     try:
         for round_ in range(args.rounds):
-            for name, path in trees:
-                peer = TreePeer()
-                peer.tree = str(Path(path).resolve())
-                run = harness.measure_drain(server, peer, args.workers, args.tasks)
-                results[name].append(run["value"])
-                print(f"round {round_ + 1} {name}: {run['value']:,.0f} tasks/s", flush=True)
+            if args.together:
+                rates = drain_together(server, trees, args.workers, args.tasks, args.window)
+            else:
+                rates = {
+                    name: harness.measure_drain(server, tree_peer(path), args.workers, args.tasks)[
+                        "value"
+                    ]
+                    for name, path in trees
+                }
+            for name, rate in rates.items():
+                results[name].append(rate)
+                print(f"round {round_ + 1} {name}: {rate:,.0f} tasks/s", flush=True)
     finally:
         server.close()
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")

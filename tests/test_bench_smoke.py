@@ -129,4 +129,7 @@ def test_scale_smoke_run_reports_every_figure(dsn: str, tmp_path: Path) -> None:
     assert samples[-1]["pending"] == 0 and samples[-1]["finished"] == steady["enqueued"]
     assert samples[-1]["task_mb"] > 0 and "task_ready_idx" in samples[-1]["indexes_mb"]
     assert all(not math.isnan(s["pickup_p50_ms"]) for s in samples[1:-1])
+    assert set(steady["growth"]) >= {"task_mb", "task_indexes_mb", "attempt_mb", "finished"}
+    assert "task_ready_idx" in steady["index_growth"]
+    assert steady["growth"]["finished"]["second_half_max"] > 0
     assert "steady:" in proc.stdout and "pending:" in proc.stdout

@@ -397,7 +397,13 @@ def test_renewal_resumes_after_the_supervisor_loses_its_connection(
             assert "released" not in other.output(), other
             other.signal(signal.SIGTERM)
             assert other.wait(20) == 0, other
-        assert sup.output().count("maintenance skipped, database unavailable") >= 3, sup
+        # Reconnected after the third loss too. (Not every loss is logged: one found while
+        # idle, by the socket's end, is simply reconnected at the next renewal.)
+        wait_until(
+            lambda: pg_server.backend_count(dbname, name) == 1,
+            timeout=10,
+            message=f"the supervisor connected again: {sup!r}",
+        )
         assert attempts_of(fdsn, task.id) == [(0, 1, "succeeded")]
         assert effects_by(fdsn, task.id) == [(0, 1, busy)]
         sup.signal(signal.SIGTERM)

@@ -1,8 +1,8 @@
 """underway's no-op jobs and two-step job, run by ``python -m underway.supervisor``.
 
 ``bench-steady`` is the no-op job of the steady-load run (``bench/scale.py``): its finished
-tasks are kept for a minute only, so retention and autovacuum reach a steady state within
-the run, as they do in production over ``keep_for``.
+tasks are kept for ``$BENCH_KEEP_FOR`` seconds only (default 60), so retention and
+autovacuum reach a steady state within the run, as they do in production over ``keep_for``.
 
 The two-step job's second step marks its probe slot ``$BENCH_TOTAL`` places after the first
 step's, so the drain span covers both steps of every run.
@@ -20,7 +20,7 @@ TOTAL = int(os.environ.get("BENCH_TOTAL", "0"))
 
 noop = Job("bench-noop")
 two_step = Job("bench-two-step")
-steady = Job("bench-steady", keep_for=60)
+steady = Job("bench-steady", keep_for=float(os.environ.get("BENCH_KEEP_FOR", "60")))
 
 
 @noop.step
