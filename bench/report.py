@@ -1,4 +1,4 @@
-"""Ratios to underway, the targets of issue #6, and the table printed at the end of a run."""
+"""Ratios to underway, the targets of issues #6 and #16, and the table a run prints."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def add_ratios(results: dict[str, Any]) -> None:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue #6's targets, each with the measured value and whether it is met (None: not
+    """Issue #6's and #16's targets, each with the measured value and whether it is met (None: not
     measured in this run)."""
     value = {f["id"]: f["value"] for f in results["figures"]}
 
@@ -63,6 +63,12 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             ratio("drain/underway/w2", "drain/pgbench/w2"),
             ">=",
             1.25,
+        ),
+        (
+            "default drain, 2 workers / huey (PostgreSQL storage)",
+            ratio("drain/underway/w2", "drain/huey/w2"),
+            ">=",
+            1.0,
         ),
         (
             "default drain, 2 workers / procrastinate",
@@ -169,7 +175,7 @@ def table(results: dict[str, Any]) -> str:
         for r in rows
     ]
     lines.insert(1, "-" * len(lines[0]))
-    lines += ["", "targets (issue #6):"]
+    lines += ["", "targets (issues #6 and #16):"]
     for t in results.get("targets", []):
         mark = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]
         lines.append(f"  {mark:>12}  {t['target']}: {_fmt(t['value'])} (want {t['want']})")

@@ -167,7 +167,7 @@ def measure_finished(server: Server, sizes: Sizes) -> dict[str, Any]:
                 run = harness.drain(server, dsns[n], peer, WORKERS, sizes.finished_drain)
                 runs[n].append(run)
                 print(f"   round {round_ + 1}, {n:,} finished: {run['value']:,.0f} tasks/s")
-        table_mb = {n: _table_mb(dsns[n]) for n in peers}
+        table_mb = {n: _table_mb(server, dsns[n]) for n in peers}
     empty, full = (statistics.median(r["value"] for r in runs[n]) for n in peers)
     return {
         "finished_rows": sizes.finished_rows,
@@ -181,12 +181,12 @@ def measure_finished(server: Server, sizes: Sizes) -> dict[str, Any]:
     }
 
 
-def _table_mb(dsn: str) -> float:
+def _table_mb(server: Server, dsn: str) -> float:
     """The task and attempt tables' size with their indexes, in MB."""
-    rows = _fetch(
-        dsn,
+    rows = server.fetch(
         "SELECT pg_total_relation_size('underway.task')"
         " + pg_total_relation_size('underway.attempt')",
+        dsn,
     )
     return round(rows[0][0] / MB, 1)
 
@@ -210,30 +210,44 @@ class Sample:
     autovacuums: int
     autoanalyzes: int
     indexes_mb: dict[str, float]
+    #: Shares of the machine's CPU time since the sample before: used, and stolen by the
+    #: hypervisor (on a shared host, a stall with a high steal is the host's, not ours).
+    cpu_busy: float = float("nan")
+    cpu_steal: float = float("nan")
     pickup_p50_ms: float = float("nan")
     pickup_p99_ms: float = float("nan")
     pickup_max_ms: float = float("nan")
 
 
-def _fetch(dsn: str, query: str) -> list[tuple[Any, ...]]:
-    conn = psycopg2.connect(dsn)
+def cpu_times() -> list[int]:
+    """The machine's CPU time counters (``/proc/stat``): user, nice, system, idle, iowait,
+    irq, softirq, steal; empty where there is no ``/proc``."""
     try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(query)
-            return cur.fetchall()
-    finally:
-        conn.close()
+        with open("/proc/stat", encoding="ascii") as stat:
+            return [int(x) for x in stat.readline().split()[1:9]]
+    except OSError:
+        return []
 
 
-def take_sample(dsn: str, at_s: float) -> Sample:
+def _add_cpu(samples: list[Sample], times: list[list[int]]) -> None:
+    """Give each sample the CPU shares since the one before."""
+    for sample, before, after in zip(samples[1:], times, times[1:]):
+        delta = [b - a for a, b in zip(before, after)]
+        total = sum(delta)
+        if total > 0:
+            idle, iowait, steal = delta[3], delta[4], delta[7]
+            sample.cpu_busy = round((total - idle - iowait - steal) / total, 3)
+            sample.cpu_steal = round(steal / total, 3)
+
+
+def take_sample(server: Server, dsn: str, at_s: float) -> Sample:
     """Sizes, dead tuples and autovacuum counts of the task and attempt tables now."""
-    tables = {row[0]: row[1:] for row in _fetch(dsn, SIZES_SQL)}
+    tables = {row[0]: row[1:] for row in server.fetch(SIZES_SQL, dsn)}
     states = dict(
-        _fetch(
-            dsn,
+        server.fetch(
             "SELECT state = 'pending', count(*) FROM underway.task "
             "WHERE state IN ('pending', 'succeeded') GROUP BY 1",
+            dsn,
         )
     )
     task, attempt = tables["task"], tables["attempt"]
@@ -249,7 +263,7 @@ def take_sample(dsn: str, at_s: float) -> Sample:
         attempt_dead=attempt[3],
         autovacuums=task[4] + attempt[4],
         autoanalyzes=task[5] + attempt[5],
-        indexes_mb={name: round(size / MB, 2) for name, size in _fetch(dsn, INDEX_SIZES_SQL)},
+        indexes_mb={name: round(size / MB, 2) for name, size in server.fetch(INDEX_SIZES_SQL, dsn)},
     )
 
 
@@ -275,7 +289,8 @@ def measure_steady(server: Server, sizes: Sizes) -> dict[str, Any]:
         conn = psycopg2.connect(dsn)
         try:
             poll(lambda: peer.ready(dsn, WORKERS), 60, "workers to connect and idle")
-            samples.append(take_sample(dsn, 0.0))
+            samples.append(take_sample(server, dsn, 0.0))
+            times = [cpu_times()]
             enqueued, started, started_wall = 0, time.perf_counter(), time.time()
             next_sample = sizes.sample_s
             while (elapsed := time.perf_counter() - started) < sizes.steady_s:
@@ -288,17 +303,20 @@ def measure_steady(server: Server, sizes: Sizes) -> dict[str, Any]:
                         committed[i] = now
                     enqueued = due
                 if elapsed >= next_sample:
-                    samples.append(take_sample(dsn, elapsed))
+                    samples.append(take_sample(server, dsn, elapsed))
+                    times.append(cpu_times())
                     next_sample += sizes.sample_s
                 time.sleep(0.01)  # pacing the enqueuer, not waiting for a result
             probe.wait(procs, 300, last=enqueued)
-            samples.append(take_sample(dsn, time.perf_counter() - started))
+            samples.append(take_sample(server, dsn, time.perf_counter() - started))
+            times.append(cpu_times())
         finally:
             conn.close()
             procs.stop()
             marks = probe.marks(0, total)
             probe.close()
     _add_pickups(samples, committed, marks, enqueued, started_wall)
+    _add_cpu(samples, times)
     return _steady_summary(samples, drain_rate, rate, enqueued, sizes)
 
 
@@ -360,6 +378,7 @@ def _steady_summary(
         "autovacuums": samples[-1].autovacuums - samples[0].autovacuums,
         "pickup_p50_ms_worst_sample": max(s.pickup_p50_ms for s in settled),
         "pickup_p99_ms_worst_sample": max(s.pickup_p99_ms for s in settled),
+        "cpu_steal_worst_sample": max(s.cpu_steal for s in settled),
         "samples": [asdict(s) for s in samples],
     }
 
@@ -369,7 +388,7 @@ def print_samples(result: dict[str, Any]) -> None:
     print(
         f"{'t (s)':>7} {'pending':>8} {'finished':>9} {'task MB':>8} {'idx MB':>7} "
         f"{'att MB':>7} {'idx MB':>7} {'dead t':>7} {'dead a':>7} {'avac':>5} "
-        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7}"
+        f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'busy':>5} {'steal':>5}"
     )
     for s in result["samples"]:
         print(
@@ -377,7 +396,7 @@ def print_samples(result: dict[str, Any]) -> None:
             f"{s['task_indexes_mb']:>7.1f} {s['attempt_mb']:>7.1f} "
             f"{s['attempt_indexes_mb']:>7.1f} {s['task_dead']:>7,} {s['attempt_dead']:>7,} "
             f"{s['autovacuums']:>5} {s['pickup_p50_ms']:>7.2f} {s['pickup_p99_ms']:>7.2f} "
-            f"{s['pickup_max_ms']:>7.1f}"
+            f"{s['pickup_max_ms']:>7.1f} {s['cpu_busy']:>5.0%} {s['cpu_steal']:>5.0%}"
         )
 
 
@@ -478,7 +497,8 @@ def report(results: dict[str, Any]) -> None:
         )
         print(
             f"   worst sample's pickup p50 {s['pickup_p50_ms_worst_sample']} ms, "
-            f"p99 {s['pickup_p99_ms_worst_sample']} ms"
+            f"p99 {s['pickup_p99_ms_worst_sample']} ms; CPU stolen by the host at most "
+            f"{s['cpu_steal_worst_sample']:.0%} of a sample"
         )
         print_samples(s)
 
