@@ -26,8 +26,8 @@ import psycopg2.extensions
 import pytest
 from jobs_faults import Gate, task_row
 
-from underway import Job, RetryPolicy, admin
-from underway.db import redact_dsn
+from underway import Job, RetryPolicy, admin, store
+from underway.db import connect, redact_dsn
 from underway.errors import UndecodableInput
 from underway.job import registered_jobs
 from underway.records import Undecodable
@@ -799,7 +799,7 @@ def test_step_that_deallocates_the_workers_statements_fails_and_the_worker_goes_
 ):
     """A step that runs DEALLOCATE ALL through cx and returns: its try fails for good with
     the explanation and its write is rolled back; the worker prepares its statements again
-    and runs the next task. (A task before it has the worker's statements prepared.)"""
+    and runs the next task."""
     worker = make_worker()
     before = jh.echo.enqueue({"n": 0})
     task = jh.deallocator.enqueue({"then": "return"})
@@ -825,3 +825,22 @@ def test_step_that_deallocates_then_raises_is_retried_as_any_failure(hdsn, make_
     assert (state, attempts) == ("failed", jh.ECHO_TRIES)
     assert "failed after deallocating" in error
     assert jh.effects(hdsn, task.id) == []
+
+
+@pytest.mark.timeout(30)
+def test_a_session_handed_over_with_a_stale_statement_of_ours_is_prepared_afresh(hdsn):
+    """A pooler in session mode that does not reset sessions may hand a worker one holding
+    a statement named like ours, from an older underway: preparing replaces it, so the
+    claim runs our query, not the stale one."""
+    conn = connect(hdsn, prepare=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("PREPARE underway_claim_task AS SELECT 42")
+            store.prepare_all(cur)
+            assert conn.prepared == store.base.PREPARED
+            assert store.claim_task(cur, ["hardening-echo"], 7, 30.0) is None
+            jh.echo.enqueue({"n": 1})
+            claim = store.claim_task(cur, ["hardening-echo"], 7, 30.0)
+            assert claim is not None and claim.job == "hardening-echo"
+    finally:
+        conn.close()

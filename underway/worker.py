@@ -192,6 +192,7 @@ class Worker(Service):
             refuse_transaction_pooling(self.dsn, self.backend_pid)
             if self.async_commit:
                 store.set_async_commit(cur)
+            store.prepare_all(cur)
         self.slots.post_session(self.slot, self.backend_pid, started)
         if self._orphans:
             self.give_back_orphans()

@@ -98,28 +98,44 @@ def _prepared_forms(name: str) -> tuple[str, str]:
     )
 
 
+def prepare_all(cur: Cursor) -> None:
+    """Prepare every per-task query on this session, outside any transaction; a statement
+    of the same name the session already holds (a pooler in session mode may hand over a
+    session it did not reset) is replaced."""
+    for name in sorted(PREPARED):
+        _prepare(cur, name)
+
+
+def _prepare(cur: Cursor, name: str) -> None:
+    statement = f"underway_{name}"
+    cur.execute("SELECT 1 FROM pg_prepared_statements WHERE name = %s", (statement,))
+    if cur.fetchone():
+        cur.execute(f"DEALLOCATE {statement}")
+    cur.execute(_prepared_forms(name)[0])
+    cur.connection.prepared.add(name)
+
+
 def _execute(cur: Cursor, name: str, params: Mapping[str, Any] | None) -> None:
     """Send query ``name``: as EXECUTE of a statement prepared on this session when the
-    connection keeps prepared statements, else as text."""
+    connection keeps prepared statements, else as text. Statements are prepared outside
+    transactions only, so that preparing can never cost a step its transaction."""
     prepared = getattr(cur.connection, "prepared", None)
-    if prepared is None or name not in PREPARED:
+    idle = cur.connection.info.transaction_status == TRANSACTION_STATUS_IDLE
+    if prepared is None or name not in PREPARED or (name not in prepared and not idle):
         cur.execute(QUERIES[name], params)
         return
-    prepare, execute = _prepared_forms(name)
     if name not in prepared:
-        cur.execute(prepare)
-        prepared.add(name)
+        _prepare(cur, name)
     try:
-        cur.execute(execute, params)
+        cur.execute(_prepared_forms(name)[1], params)
     except psycopg2.errors.InvalidSqlStatementName:
-        # A step deallocated it. Prepare again; outside a transaction, retry now (inside,
-        # the step's transaction is lost with the statement: the worker fails the try).
-        prepared.clear()
-        if cur.connection.info.transaction_status != TRANSACTION_STATUS_IDLE:
+        # A step deallocated it. Outside a transaction, prepare it again and go on; inside,
+        # the step's transaction is lost with the statement: the worker fails the try.
+        prepared.discard(name)
+        if not idle:
             raise
-        cur.execute(prepare)
-        prepared.add(name)
-        cur.execute(execute, params)
+        _prepare(cur, name)
+        cur.execute(_prepared_forms(name)[1], params)
 
 
 def _run(cur: Cursor, name: str, params: Mapping[str, Any] | None = None) -> None:
