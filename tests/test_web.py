@@ -80,23 +80,38 @@ def wait(driver: Any, condition: Any, message: str = "") -> Any:
 
 
 def flash(driver: Any) -> str:
-    """The flash message the page shows after an action."""
+    """The flash message the page shows after an action (read again if the page was
+    replaced while it was read)."""
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
-    return wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".flash"), "a flash message")[
-        0
-    ].text
+    def text(d: Any) -> str | None:
+        found = d.find_elements(By.CSS_SELECTOR, ".flash")
+        return found[0].text if found else None
+
+    stale = [StaleElementReferenceException]
+    return WebDriverWait(driver, WAIT, ignored_exceptions=stale).until(text, "a flash message")
 
 
-def click(driver: Any, form_action: str, label: str, row: Any = None) -> None:
-    """Click the button labelled ``label`` of a form posting to ``/actions/FORM_ACTION``."""
+def click(
+    driver: Any, form_action: str, label: str, row: Any = None, confirm: bool = False
+) -> None:
+    """Click the button labelled ``label`` of a form posting to ``/actions/FORM_ACTION``
+    (``confirm``: and accept the confirmation it asks for)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.expected_conditions import alert_is_present, staleness_of
 
     scope = row or driver
     selector = f"form.action[action$='/actions/{form_action}'] button"
     buttons = [b for b in scope.find_elements(By.CSS_SELECTOR, selector) if b.text == label]
     assert buttons, f"no {label!r} button posting to {form_action}"
     buttons[0].click()
+    if confirm:
+        wait(driver, alert_is_present(), "the confirmation").accept()
+    # The form posts and the answer replaces the page: wait for that, so that what is read
+    # next (a flash message) is the new page's, not the old one's.
+    wait(driver, staleness_of(buttons[0]), f"the page after {label!r}")
 
 
 def state_of(dsn: str, task_id: int) -> tuple[Any, ...]:
@@ -177,12 +192,10 @@ def test_retry_button_runs_a_failed_task_again(browser: Any, dsn: str, site: str
 def test_cancel_button_cancels_a_pending_task(browser: Any, dsn: str, site: str) -> None:
     """Cancel asks for confirmation, then cancels a waiting task: it never runs, and the
     flash says "cancelled" (the CancelResult)."""
-    from selenium.webdriver.support import expected_conditions
 
     task_id = web_jobs.emails.enqueue({"user_id": 1, "name": "Ada"}).id
     browser.get(f"{site}/tasks/{task_id}")
-    click(browser, "cancel", "Cancel")
-    wait(browser, expected_conditions.alert_is_present(), "the confirmation").accept()
+    click(browser, "cancel", "Cancel", confirm=True)
     assert flash(browser) == f"Task {task_id}: cancelled — it will not run."
     assert state_of(dsn, task_id)[0] == "cancelled"
     assert drain([web_jobs.emails], dsn=dsn) == 0
