@@ -16,26 +16,26 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_bench(dsn: str, out: Path, *extra: str, env: dict | None = None) -> dict:
-    """Run the bench script as CI would and return its results.json."""
+def run_smoke(
+    script: str, dsn: str, out: Path, *extra: str, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``bench/SCRIPT --smoke`` as CI would; it must succeed."""
+    command = [sys.executable, str(REPO / "bench" / script), "--smoke", "--dsn", dsn]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "run.py"),
-            "--smoke",
-            "--dsn",
-            dsn,
-            "--out",
-            str(out),
-            *extra,
-        ],
+        [*command, "--out", str(out), *extra],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
     )
-    assert proc.returncode == 0, f"bench failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def run_bench(dsn: str, out: Path, *extra: str, env: dict | None = None) -> dict:
+    """Run the bench suite's smoke mode and return its results.json."""
+    run_smoke("run.py", dsn, out, *extra, env=env)
     return json.loads((out / "results.json").read_text())
 
 
@@ -101,22 +101,7 @@ def test_scale_smoke_run_reports_every_figure(dsn: str, tmp_path: Path) -> None:
     """``bench/scale.py --smoke``: the deep-queue drain, the drain beside finished rows and
     the steady load all run and report their figures; the steady load's samples saw every
     task picked up and the tables' sizes, dead tuples and pickups measured."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "bench" / "scale.py"),
-            "--smoke",
-            "--dsn",
-            dsn,
-            "--out",
-            str(tmp_path),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, f"scale failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    proc = run_smoke("scale.py", dsn, tmp_path)
     results = json.loads((tmp_path / "scale.json").read_text())
     assert results["meta"]["mode"] == "smoke"
     pending, finished, steady = results["pending"], results["finished"], results["steady"]
