@@ -166,9 +166,11 @@ def count_round_trips(server: Server, small: int = 50, large: int = 150) -> dict
     """
     from underway import service
     from underway.store import QUERIES
+    from underway.store.base import _prepared_forms
     from underway.worker import Worker
 
     names = {text: name for name, text in QUERIES.items()}
+    names.update({_prepared_forms(name)[1]: name for name in QUERIES})  # the worker's EXECUTEs
     sent: list[str] = []
 
     class CountingCursor(psycopg2.extensions.cursor):
@@ -204,7 +206,7 @@ def count_round_trips(server: Server, small: int = 50, large: int = 150) -> dict
         probe.close()
         bench_probe._view = None  # the mapping of the file just removed
     per_task = (totals[large] - totals[small]) / (large - small)
-    per_task_names = sorted({s for s in per_run[small] if s in ("claim_task", "complete_task")})
+    per_task_names = sorted({s for s in per_run[small] if s in ("claim_task", "complete_task", "advance_task")})
     return {
         "per_task": per_task,
         "statements_per_task": per_task_names,
