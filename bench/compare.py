@@ -11,7 +11,10 @@ compare trees with the same migrations.
 On a shared machine, whose speed can drift by a third from one minute to the next, use
 ``--together``: each round then drains every tree *at the same time*, each in its own
 database, and counts the tasks each finished in the same ``--window`` seconds, so that
-whatever slows the machine slows every tree alike.
+whatever slows the machine slows every tree alike. It shows a difference in the workers'
+own speed, not in the server's: when the drain waits on the WAL flush, group commit makes
+the trees' commits share each flush and keeps them in lockstep, however much CPU a task
+costs either. For a change to the SQL, ``bench/profile.py --tree ...`` measures CPU per task.
 """
 
 from __future__ import annotations
