@@ -269,6 +269,29 @@ def test_strings_jsonb_cannot_store_are_a_value_error_naming_the_job(
     assert query(dsn, "SELECT input FROM underway.task") == [({"fine": True},)]
 
 
+@pytest.mark.parametrize("bad", ["a\x00b", {"k": "\ud800"}], ids=["nul", "lone-surrogate"])
+def test_a_batch_with_a_string_jsonb_cannot_store_names_its_index(dsn: str, bad: Any) -> None:
+    """enqueue_many encodes a batch in one go, yet still finds an input jsonb cannot store,
+    names it by its index, and writes none of the batch."""
+    with pytest.raises(ValueError, match="enqueue-basic'?: input 2 of the batch holds a string"):
+        basic.enqueue_many([{"ok": 1}, "fine \U0001f600", bad, {"ok": 3}])
+    assert task_count(dsn) == 0
+
+
+def test_a_batch_over_16_mib_in_all_is_stored_when_each_input_is_within_it(dsn: str) -> None:
+    """The 16 MiB limit is per input: a batch of two 9 MiB inputs is enqueued whole, and
+    an emoji (an escaped surrogate pair in the JSON text) is stored as given."""
+    big = "x" * (9 * 1024 * 1024)
+    tasks = basic.enqueue_many([big, big, "\U0001f600"])
+    rows = query(
+        dsn,
+        "SELECT id, length(input #>> '{}'), input #>> '{}' = '\U0001f600' "
+        "FROM underway.task ORDER BY id",
+    )
+    assert [(r[0], r[1]) for r in rows] == [(t.id, n) for t, n in zip(tasks, [len(big)] * 2 + [1])]
+    assert rows[2][2] is True
+
+
 def test_priority_outside_the_integer_column_is_a_value_error_naming_the_job(
     dsn: str, txn: PgConnection
 ) -> None:

@@ -30,6 +30,7 @@ from .values import (
     rate,
     seconds,
     to_json,
+    to_json_array,
 )
 
 StepFunction = Callable[[Any, Any], Any]
@@ -294,8 +295,9 @@ class Job:
         if not inputs:
             return []
         params = self._task_params(delay, run_at, priority, serial_queue)
-        texts = [self._to_json(x, what=f"input {i} of the batch") for i, x in enumerate(inputs)]
-        params["inputs"] = "[" + ",".join(texts) + "]"
+        params["inputs"] = to_json_array(
+            inputs, lambda i: f"job {self.name!r}: input {i} of the batch"
+        )
         with caller_cursor(conn) as cur:
             ids = store.insert_tasks(cur, params)
         return [Task(task_id, self.name) for task_id in ids]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Union
 
@@ -42,11 +42,15 @@ _RATE = re.compile(r"^\s*(\d{1,9})\s*/\s*(s|m|h)\s*$")
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+"""One encoder for every payload: ``json.dumps`` with options builds a new one per call."""
+
+
 def to_json(value: Any, context: str) -> str:
     """Serialise ``value`` for a task, or raise TypeError/ValueError that says what is wrong
     and where (``context``)."""
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+        text = _ENCODER.encode(value)
     except TypeError as exc:
         raise TypeError(f"{context} is not JSON-serialisable: {exc}") from None
     except (ValueError, RecursionError) as exc:
@@ -62,6 +66,23 @@ def to_json(value: Any, context: str) -> str:
         bad = _unstorable_string(value)
         if bad is not None:
             raise ValueError(f"{context} holds a string PostgreSQL cannot store: {bad!r}")
+    return text
+
+
+def to_json_array(values: Sequence[Any], context: Callable[[int], str]) -> str:
+    """Serialise ``values`` as one JSON array whose items are each checked as by
+    :func:`to_json`; an error names the item by ``context(index)``.
+
+    The array is encoded in one call, which for a batch of small inputs costs a fraction
+    of encoding them one by one; only when that cannot show every item fine (an error, a
+    suspicious escape, or a text over the per-item limit) are the items encoded one by one
+    to find the one at fault."""
+    try:
+        text = _ENCODER.encode(list(values))
+    except (TypeError, ValueError, RecursionError):
+        text = ""
+    if not text or len(text) > MAX_PAYLOAD_BYTES or "\\u0000" in text or "\\ud" in text:
+        text = "[" + ",".join(to_json(v, context(i)) for i, v in enumerate(values)) + "]"
     return text
 
 
