@@ -273,7 +273,7 @@ def test_strings_jsonb_cannot_store_are_a_value_error_naming_the_job(
 def test_a_batch_with_a_string_jsonb_cannot_store_names_its_index(dsn: str, bad: Any) -> None:
     """enqueue_many encodes a batch in one go, yet still finds an input jsonb cannot store,
     names it by its index, and writes none of the batch."""
-    with pytest.raises(ValueError, match="enqueue-basic'?: input 2 of the batch holds a string"):
+    with pytest.raises(ValueError, match="input 2 of the batch holds a string"):
         basic.enqueue_many([{"ok": 1}, "fine \U0001f600", bad, {"ok": 3}])
     assert task_count(dsn) == 0
 

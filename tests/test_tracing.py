@@ -156,6 +156,12 @@ jobs_observe.ok.enqueue({})
 jobs_observe.doomed.enqueue(None)
 with trace.get_tracer("the app").start_as_current_span("request"):  # a no-op tracer
     jobs_observe.ok.enqueue({})
+# A request that arrived with a traceparent (a framework put its remote span in the
+# context): with no provider set, the enqueue still passes that context on.
+remote = trace.SpanContext(int("ab" * 16, 16), int("cd" * 8, 16), is_remote=True,
+                           trace_flags=trace.TraceFlags(1))
+with trace.use_span(trace.NonRecordingSpan(remote)):
+    jobs_observe.ok.enqueue({})
 run_all()
 tracing.flush()
 print(json.dumps({"enabled": tracing.enabled()}))
@@ -170,6 +176,9 @@ class trace:  # what the scenario calls of it, doing nothing
     def start_as_current_span(name):
         import contextlib
         return contextlib.nullcontext()
+    def SpanContext(*args, **kwargs):
+        return None
+    TraceFlags = NonRecordingSpan = use_span = start_as_current_span
 """
 
 
@@ -179,13 +188,15 @@ def test_without_a_tracer_provider_or_the_package_nothing_is_stored(
 ) -> None:
     """With opentelemetry installed but no tracer provider set, and with the package not
     installed at all, tasks store no trace context (NULL) and run as usual, failures
-    included."""
+    included; only a context the request brought along (a remote parent) is passed on."""
     script = (SETUP + UNTRACED) if installed else (ABSENT + BASE + UNTRACED)
     found = run(script, observed)
     assert found == {"enabled": installed}
     rows = query(observed, "SELECT job, state::text, trace_context FROM underway.task ORDER BY id")
+    passed_on = f"00-{'ab' * 16}-{'cd' * 8}-01" if installed else None
     assert rows == [
         ("observe-ok", "succeeded", None),
         ("observe-doomed", "failed", None),
         ("observe-ok", "succeeded", None),
+        ("observe-ok", "succeeded", passed_on),
     ]

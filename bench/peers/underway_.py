@@ -206,7 +206,8 @@ def count_round_trips(server: Server, small: int = 50, large: int = 150) -> dict
         probe.close()
         bench_probe._view = None  # the mapping of the file just removed
     per_task = (totals[large] - totals[small]) / (large - small)
-    per_task_names = sorted({s for s in per_run[small] if s in ("claim_task", "complete_task", "advance_task")})
+    per_task_queries = ("claim_task", "complete_task", "advance_task")
+    per_task_names = sorted({s for s in per_run[small] if s in per_task_queries})
     return {
         "per_task": per_task,
         "statements_per_task": per_task_names,
