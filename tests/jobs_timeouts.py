@@ -171,6 +171,22 @@ stuck.step(block_in_libpq)
 stuck_once = Job("timeouts-stuck-once", timeout=1, retry=ONCE)
 stuck_once.step(block_in_libpq)
 
+#: Retries connection errors only: a timeout is not among them, whoever ends the step.
+stuck_strict = Job(
+    "timeouts-stuck-strict",
+    timeout=1,
+    retry=RetryPolicy(max_attempts=3, initial_interval=0.05, retry_on=(ConnectionError,)),
+)
+stuck_strict.step(block_in_libpq)
+
+#: Retries a timeout, an hour later.
+stuck_later = Job(
+    "timeouts-stuck-later",
+    timeout=1,
+    retry=RetryPolicy(max_attempts=3, initial_interval=3600, max_interval=3600),
+)
+stuck_later.step(block_in_libpq)
+
 deaf = Job("timeouts-deaf", timeout=1, retry=ONCE)
 
 

@@ -353,6 +353,39 @@ def test_step_stuck_where_sigalrm_cannot_reach_is_killed_by_the_supervisor(tdsn:
         gate.close()
 
 
+@pytest.mark.slow
+@pytest.mark.fault
+@pytest.mark.timeout(60)
+def test_a_timeout_the_supervisor_ends_follows_the_steps_retry_policy(tdsn: str) -> None:
+    """A try the supervisor ends for running past its timeout is retried as one the worker
+    ends itself: not at all when the policy's retry_on leaves StepTimeout out (the task
+    fails with tries left), and otherwise after the policy's backoff, not at once."""
+    gate = Gate(tdsn)
+    lock = gate.hold(4243)
+    try:
+        strict = jt.stuck_strict.enqueue({"dsn": tdsn, "lock": lock})
+        later = jt.stuck_later.enqueue({"dsn": tdsn, "lock": lock})
+        with supervisor(tdsn, 2) as sup:
+            wait_until(lambda: blocked_in_libpq(tdsn, lock) == 2, timeout=10, message=repr(sup))
+            wait_until(
+                lambda: all(attempts(tdsn, t.id) for t in (strict, later)),
+                timeout=20,
+                message=f"both tries ended: {sup!r}",
+            )
+            for t in (strict, later):
+                assert attempts(tdsn, t.id)[0][1] == "timed_out"
+            assert task(tdsn, strict.id)[:2] == ("failed", 1)
+            assert task(tdsn, later.id)[:2] == ("pending", 1)
+            wait_in = scalar(
+                tdsn,
+                "SELECT extract(epoch FROM run_at - now()) FROM underway.task WHERE id = %s",
+                (later.id,),
+            )
+            assert 3500 < wait_in <= 3600, wait_in
+    finally:
+        gate.close()
+
+
 # -- statements through cx: statement_timeout -------------------------------------------------
 
 

@@ -163,8 +163,9 @@ SELECT state::text AS state FROM updated;
 -- name: release_task
 -- Give back the task a dead worker held. A crash uses up the try (and fails the task
 -- when it was the last); an interruption by our own shutdown returns it; an abort ends it
--- cancelled, even on its last try. Fenced on the claim token, so a task that finished or
--- was reclaimed meanwhile is left alone.
+-- cancelled, even on its last try; a timeout fails it, or retries it after `delay`, as its
+-- step's policy says (`retry`). Fenced on the claim token, so a task that finished or was
+-- reclaimed meanwhile is left alone.
 WITH held AS (
     SELECT id, step, attempts, max_attempts, started_at FROM underway.task
     WHERE claim_token = %(token)s AND state = 'running'
@@ -172,10 +173,11 @@ WITH held AS (
 ), released AS (
     UPDATE underway.task AS t
     SET state = CASE WHEN %(outcome)s = 'aborted' THEN 'cancelled'
-                     WHEN %(counts)s AND held.attempts >= held.max_attempts
+                     WHEN %(counts)s AND (held.attempts >= held.max_attempts OR NOT %(retry)s)
                      THEN 'failed' ELSE 'pending' END::underway.task_state,
         attempts = CASE WHEN %(counts)s THEN held.attempts ELSE held.attempts - 1 END,
-        run_at = now(), claim_token = NULL, lease_expires_at = NULL, error = %(error)s
+        run_at = now() + make_interval(secs => %(delay)s), claim_token = NULL,
+        lease_expires_at = NULL, error = %(error)s
     FROM held
     WHERE t.id = held.id
     RETURNING t.id, t.state
@@ -185,6 +187,12 @@ WITH held AS (
     FROM held JOIN released USING (id)
 )
 SELECT id, state::text AS state, pg_notify(%(channel)s, '') FROM released;
+
+-- name: held_task
+-- The job, step and try of the task running under a claim token (for the supervisor,
+-- to ask the step's retry policy about a try it ended), or no row.
+SELECT job, step, attempts, max_attempts FROM underway.task
+WHERE claim_token = %(token)s AND state = 'running';
 
 -- name: renew_leases
 -- Extend the leases of the tasks this supervisor's live workers hold. A row someone else

@@ -92,6 +92,11 @@ class Release:
     token: int
     reason: str
     outcome: str = "interrupted"
+    #: Whether a counted try may be retried, tries left permitting: the step's policy says
+    #: so of a timed-out try (``retry_on``), as it does when the worker ends the step.
+    retry: bool = True
+    #: Seconds before the retry: the policy's backoff for a timed-out try, else none.
+    delay: float = 0.0
 
     @property
     def counts(self) -> bool:

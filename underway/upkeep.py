@@ -30,7 +30,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg2
@@ -38,7 +38,7 @@ import psycopg2.extensions
 
 from . import store
 from .db import BoundedConnection, check_schema, close_quietly, connect_bounded, is_outage
-from .errors import ConfigurationError
+from .errors import ConfigurationError, StepTimeout
 from .job import Job
 from .records import Release
 from .service import application_name
@@ -103,7 +103,8 @@ class DeadWorkers(Unit):
 
     postponed = "cannot clean up after a dead worker yet"
 
-    def __init__(self) -> None:
+    def __init__(self, jobs: Mapping[str, Job]) -> None:
+        self.jobs = jobs
         self.queue: list[Death] = []
 
     def run_once(self, cur: Cursor) -> None:
@@ -112,9 +113,25 @@ class DeadWorkers(Unit):
             if death.backend_pid:
                 store.end_session(cur, death.backend_pid, death.backend_start)
             for release in death.releases:
+                release = self.by_policy(cur, release)
                 for task_id, state in store.release_claim(cur, release):
                     log.warning("task %s given back (%s): %s", task_id, state, release.reason)
             self.queue.pop(0)
+
+    def by_policy(self, cur: Cursor, release: Release) -> Release:
+        """A try the supervisor ended for running past its timeout is retried as when the
+        worker ends it itself: as its step's retry policy says of a :class:`StepTimeout`
+        (``retry_on``), after the policy's backoff."""
+        if release.outcome != "timed_out":
+            return release
+        held = store.held_task(cur, release.token)
+        job = self.jobs.get(held[0]) if held else None
+        if held is None or job is None or not 0 <= held[1] < len(job.steps):
+            return release
+        _, step, attempt, max_attempts = held
+        policy = job.steps[step].retry
+        retry = policy.should_retry(attempt, max_attempts, StepTimeout(release.reason))
+        return replace(release, retry=retry, delay=policy.delay(attempt) if retry else 0.0)
 
 
 class LeaseRenewal(Unit):
@@ -248,7 +265,7 @@ class Upkeep:
         self.conn: BoundedConnection | None = None
         #: A ``time.monotonic()`` instant no statement may wait past (a stop's end).
         self.deadline: float | None = None
-        self.dead_workers = DeadWorkers()
+        self.dead_workers = DeadWorkers(self.jobs)
         self.aborts = Aborts(slots, lease, abort)
         self.heartbeat = Heartbeat(lease, self.jobs, workers)
         self.units: list[Unit] = [

@@ -172,10 +172,20 @@ def release_claim(cur: Cursor, release: Release) -> list[tuple[int, str]]:
             "counts": release.counts,
             "outcome": release.outcome,
             "error": release.reason,
+            "retry": release.retry,
+            "delay": release.delay,
             "channel": TASK_CHANNEL,
         },
     )
     return [(row[0], row[1]) for row in cur.fetchall()]
+
+
+def held_task(cur: Cursor, token: int) -> tuple[str, int, int, int] | None:
+    """(job, step, try, tries allowed) of the task running under claim ``token``, or
+    ``None`` when none does."""
+    _run(cur, "held_task", {"token": token})
+    row = cur.fetchone()
+    return None if row is None else (row[0], row[1], row[2], row[3])
 
 
 def cancel_requested(cur: Cursor, task_id: int) -> bool:
