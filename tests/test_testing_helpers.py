@@ -106,7 +106,8 @@ def test_run_inline_without_raising_returns_the_failed_task(ldsn):
 
 @pytest.mark.timeout(30)
 def test_run_inline_with_an_explicit_dsn(ldsn):
-    """With dsn= it works when no database is configured at all."""
+    """With dsn= it works when no database is configured at all, and the task it returns
+    answers from that database too."""
     underway.configure(dsn=None)
     task = run_inline(jl.one, {"n": 1}, dsn=ldsn)
     conn = psycopg2.connect(ldsn)
@@ -114,8 +115,13 @@ def test_run_inline_with_an_explicit_dsn(ldsn):
         assert task_info(task.id, conn=conn).state is TaskState.SUCCEEDED
     finally:
         conn.close()
+    assert task.status() is TaskState.SUCCEEDED
+    assert task.result(timeout=10) is None  # what its step returned, read from ldsn
     with pytest.raises(TaskFailed, match="doomed on try 3"):
         run_inline(jl.doomed, {"n": 2}, dsn=ldsn)
+    failed = run_inline(jl.doomed, {"n": 3}, dsn=ldsn, raise_on_failure=False)
+    failed.retry()
+    assert failed.status() is TaskState.PENDING
 
 
 # -- drain ----------------------------------------------------------------------------------

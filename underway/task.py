@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import store
-from .db import caller_cursor, close_quietly, connect, resolve_dsn
+from .db import caller_cursor, close_quietly, connect, default_cursor, resolve_dsn
 from .errors import TaskCancelled, TaskFailed, UnderwayError
 from .records import CancelResult, TaskInfo, TaskState
 
@@ -35,10 +36,22 @@ class Task:
 
     :param id: the task's id in ``underway.task``; it stays the same from step to step.
     :param job: the name of the job the task runs.
+    :param dsn: the database the task is in, when it is not the configured one: its
+        methods then look there unless given a connection (``run_inline(dsn=...)`` sets it).
     """
 
     id: int
     job: str
+    dsn: str | None = field(default=None, repr=False, compare=False)
+
+    @contextmanager
+    def _on(self, conn: Any) -> Iterator[Any]:
+        """``conn`` as given; without it, the process's connection to the task's database."""
+        if conn is not None:
+            yield conn
+            return
+        with default_cursor(self.dsn) as cur:
+            yield cur
 
     def status(self, *, conn: Any = None) -> TaskState | None:
         """The task's state now; ``None`` once retention has deleted it.
@@ -46,7 +59,8 @@ class Task:
         ``conn`` is as for :meth:`Job.enqueue <underway.Job.enqueue>`: without it, the
         process's own connection reads the committed state.
         """
-        info = task_info(self.id, conn=conn)
+        with self._on(conn) as cur:
+            info = task_info(self.id, conn=cur)
         return None if info is None else info.state
 
     def result(self, timeout: float | None = None, *, dsn: str | None = None) -> Any:
@@ -63,7 +77,7 @@ class Task:
         :raises LookupError: there is no such task (or retention deleted it).
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        conn = connect(resolve_dsn(dsn), application_name="underway result")
+        conn = connect(resolve_dsn(dsn or self.dsn), application_name="underway result")
         try:
             with conn.cursor() as cur:
                 store.listen(cur, store.RESULT_CHANNEL)
@@ -117,7 +131,8 @@ class Task:
 
         :raises LookupError: there is no such task.
         """
-        return cancel_task(self.id, abort=abort, conn=conn)
+        with self._on(conn) as cur:
+            return cancel_task(self.id, abort=abort, conn=cur)
 
     def retry(self, *, conn: Any = None) -> None:
         """Put a failed task back to work at the step that failed, with that step's tries
@@ -125,7 +140,8 @@ class Task:
 
         :raises UnderwayError: the task is not failed (it says what it is).
         """
-        retry_tasks([self.id], conn=conn)
+        with self._on(conn) as cur:
+            retry_tasks([self.id], conn=cur)
 
 
 def get_task(task_id: int, *, conn: Any = None) -> Task:

@@ -90,13 +90,13 @@ def run_inline(
     """Enqueue a run of ``job`` and run it to the end in this process: every step, with
     retries at once instead of after their backoff. Other ready tasks of the same job run
     too (a test database usually has none). The task returned has finished: its
-    ``result()`` is there at once.
+    ``result()`` is there at once, from ``dsn`` when given.
 
     :raises TaskFailed: when the task failed for good, with its last error and traceback
         (unless ``raise_on_failure=False``; check ``task.status()`` then).
     """
     with default_cursor(dsn) as cur:
-        task = job.enqueue(input, conn=cur)
+        task = Task(job.enqueue(input, conn=cur).id, job.name, dsn)
     drain([job], dsn=dsn)
     with default_cursor(dsn) as cur:
         info = task_info(task.id, conn=cur)
