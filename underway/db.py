@@ -448,7 +448,7 @@ def dbapi_connection(conn: Any) -> Any:
     )
 
 
-def caller_cursor(conn: Any) -> Any:
+def caller_cursor(conn: Any, dsn: str | None = None) -> Any:
     """A cursor in the caller's transaction (``conn``), or, without one, on this process's
-    own autocommit connection."""
-    return default_cursor() if conn is None else _CallerCursor(conn)
+    own autocommit connection (to ``dsn``, default: the configured database)."""
+    return default_cursor(dsn) if conn is None else _CallerCursor(conn)

@@ -89,3 +89,8 @@ class RetryPolicy:
         if error is not None and self.retry_on is not None and not isinstance(error, self.retry_on):
             return False
         return attempt < (self.max_attempts if max_attempts is None else max_attempts)
+
+    def retry_after(self, attempt: int, max_attempts: int, error: BaseException) -> float | None:
+        """Seconds to wait before retrying after try ``attempt`` failed with ``error``, or
+        ``None`` when it earns no retry (see :meth:`should_retry`)."""
+        return self.delay(attempt) if self.should_retry(attempt, max_attempts, error) else None

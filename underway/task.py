@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import select
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import store
-from .db import caller_cursor, close_quietly, connect, default_cursor, resolve_dsn
+from .db import caller_cursor, close_quietly, connect, resolve_dsn
 from .errors import TaskCancelled, TaskFailed, UnderwayError
 from .records import CancelResult, TaskInfo, TaskState
 
@@ -44,22 +43,13 @@ class Task:
     job: str
     dsn: str | None = field(default=None, repr=False, compare=False)
 
-    @contextmanager
-    def _on(self, conn: Any) -> Iterator[Any]:
-        """``conn`` as given; without it, the process's connection to the task's database."""
-        if conn is not None:
-            yield conn
-            return
-        with default_cursor(self.dsn) as cur:
-            yield cur
-
     def status(self, *, conn: Any = None) -> TaskState | None:
         """The task's state now; ``None`` once retention has deleted it.
 
         ``conn`` is as for :meth:`Job.enqueue <underway.Job.enqueue>`: without it, the
         process's own connection reads the committed state.
         """
-        with self._on(conn) as cur:
+        with caller_cursor(conn, self.dsn) as cur:
             info = task_info(self.id, conn=cur)
         return None if info is None else info.state
 
@@ -131,7 +121,7 @@ class Task:
 
         :raises LookupError: there is no such task.
         """
-        with self._on(conn) as cur:
+        with caller_cursor(conn, self.dsn) as cur:
             return cancel_task(self.id, abort=abort, conn=cur)
 
     def retry(self, *, conn: Any = None) -> None:
@@ -140,7 +130,7 @@ class Task:
 
         :raises UnderwayError: the task is not failed (it says what it is).
         """
-        with self._on(conn) as cur:
+        with caller_cursor(conn, self.dsn) as cur:
             retry_tasks([self.id], conn=cur)
 
 

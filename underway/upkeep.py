@@ -125,13 +125,15 @@ class DeadWorkers(Unit):
         if release.outcome != "timed_out":
             return release
         held = store.held_task(cur, release.token)
-        job = self.jobs.get(held[0]) if held else None
-        if held is None or job is None or not 0 <= held[1] < len(job.steps):
+        if held is None:
             return release
-        _, step, attempt, max_attempts = held
+        name, step, attempt, max_attempts = held
+        job = self.jobs.get(name)
+        if job is None or not 0 <= step < len(job.steps):
+            return release
         policy = job.steps[step].retry
-        retry = policy.should_retry(attempt, max_attempts, StepTimeout(release.reason))
-        return replace(release, retry=retry, delay=policy.delay(attempt) if retry else 0.0)
+        wait = policy.retry_after(attempt, max_attempts, StepTimeout(release.reason))
+        return replace(release, retry=wait is not None, delay=wait or 0.0)
 
 
 class LeaseRenewal(Unit):

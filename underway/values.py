@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from typing import Any, Union
 
@@ -60,16 +60,14 @@ def to_json(value: Any, context: str) -> str:
             f"{context} is {len(text):,} bytes of JSON; the limit is "
             f"{MAX_PAYLOAD_BYTES:,} (16 MiB): store large data elsewhere and pass its key"
         )
-    # jsonb cannot hold NUL or a lone surrogate; both show up escaped in the text, so
-    # only inputs that contain such an escape are looked at more closely.
-    if "\\u0000" in text or "\\ud" in text:
+    if _suspect(text):
         bad = _unstorable_string(value)
         if bad is not None:
             raise ValueError(f"{context} holds a string PostgreSQL cannot store: {bad!r}")
     return text
 
 
-def to_json_array(values: Sequence[Any], context: Callable[[int], str]) -> str:
+def to_json_array(values: list[Any], context: Callable[[int], str]) -> str:
     """Serialise ``values`` as one JSON array whose items are each checked as by
     :func:`to_json`; an error names the item by ``context(index)``.
 
@@ -78,12 +76,18 @@ def to_json_array(values: Sequence[Any], context: Callable[[int], str]) -> str:
     suspicious escape, or a text over the per-item limit) are the items encoded one by one
     to find the one at fault."""
     try:
-        text = _ENCODER.encode(list(values))
+        text = _ENCODER.encode(values)
     except (TypeError, ValueError, RecursionError):
         text = ""
-    if not text or len(text) > MAX_PAYLOAD_BYTES or "\\u0000" in text or "\\ud" in text:
+    if not text or len(text) > MAX_PAYLOAD_BYTES or _suspect(text):
         text = "[" + ",".join(to_json(v, context(i)) for i, v in enumerate(values)) + "]"
     return text
+
+
+def _suspect(text: str) -> bool:
+    """Whether JSON text may hold a string jsonb cannot store: a NUL or a lone surrogate
+    both show up escaped, so only texts with such an escape need a closer look."""
+    return "\\u0000" in text or "\\ud" in text
 
 
 def _unstorable_string(value: Any) -> str | None:

@@ -407,12 +407,12 @@ class Worker(Service):
         """Roll back the step's writes, then record the failed (or timed-out) try: retry
         later or give up, as the step's policy says of this error. The task row's
         ``max_attempts`` decides how many tries, as it does for crashes and lost leases."""
-        retry = (
-            not isinstance(exc, Fatal)
-            and step is not None
-            and step.retry.should_retry(claim.attempt, claim.max_attempts, exc)
+        wait = (
+            None
+            if isinstance(exc, Fatal) or step is None
+            else step.retry.retry_after(claim.attempt, claim.max_attempts, exc)
         )
-        delay = step.retry.delay(claim.attempt) if retry and step is not None else 0.0
+        retry, delay = wait is not None, wait or 0.0
         error, trace = describe(exc)
         with conn.cursor() as cur:
             # Roll back whatever transaction is open: the step's (its writes must not
