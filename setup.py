@@ -44,6 +44,7 @@ setup(
             "psutil>=5",
             "pytest>=7",
             "pytest-timeout>=2",
+            "pytest-xdist>=3",
             "ruff>=0.6",
             "flask>=2.2",
             "sqlalchemy>=2.0",
