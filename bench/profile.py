@@ -1,5 +1,6 @@
 """Where a drain's time goes (issue #16): ``python bench/profile.py [--tasks 20000]
-[--workers 2] [--async-commit] [--py-spy DIR] [--tree NAME=PATH ...] [--rounds N]``.
+[--workers 2] [--async-commit] [--py-spy DIR] [--tree NAME=PATH ...] [--rounds N]
+[--pgbench CLIENTS]``.
 
 Drains no-op tasks with underway's workers, as ``bench/run.py`` does, and meanwhile measures:
 
@@ -8,7 +9,12 @@ Drains no-op tasks with underway's workers, as ``bench/run.py`` does, and meanwh
 - what the workers' server sessions were doing, sampled every few milliseconds from
   ``pg_stat_activity``: running a statement, waiting for the WAL flush, waiting for a lock,
   or idle, waiting for the worker's next statement (that is, for Python);
-- WAL bytes, commits and statements per task;
+- WAL bytes, commits and statements per task, and the WAL flushes per commit: with
+  synchronous commit, a drain that gets one flush per commit is bound by the disk's flush
+  time, however many workers run (group commit shares a flush only between commits that
+  arrive together);
+- with ``--pgbench CLIENTS``, the same counters for pgbench's claim-and-complete loop
+  (``bench/run.py``'s ceiling), side by side;
 - with ``--py-spy DIR``, a py-spy flame graph of one worker (``pip install py-spy``).
 
 With ``--tree`` given twice or more (as for ``bench/compare.py``), each source tree is
@@ -37,6 +43,7 @@ import psycopg2
 
 from bench.compare import TreePeer
 from bench.harness import REPO, Probe, Server, Workers, poll
+from bench.peers.pgbench_ import measure_pgbench
 
 SESSIONS_SQL = """
 SELECT state, coalesce(wait_event_type || ':' || wait_event, 'CPU') FROM pg_stat_activity
@@ -44,7 +51,8 @@ WHERE application_name LIKE 'underway worker %'
 """
 
 COUNTERS_SQL = """
-SELECT pg_current_wal_lsn(), xact_commit, xact_rollback FROM pg_stat_database
+SELECT pg_current_wal_lsn(), xact_commit, xact_rollback, (SELECT wal_sync FROM pg_stat_wal)
+FROM pg_stat_database
 WHERE datname = current_database()
 """
 
@@ -147,7 +155,7 @@ def _snapshot(
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(COUNTERS_SQL)
-            lsn, commits, rollbacks = cur.fetchone()
+            lsn, commits, rollbacks, flushes = cur.fetchone()
             cur.execute("SELECT %s::pg_lsn - '0/0'::pg_lsn", (lsn,))
             wal = int(cur.fetchone()[0])
             cur.execute(
@@ -166,6 +174,7 @@ def _snapshot(
         "wall": time.time(),
         "wal": wal,
         "commits": commits + rollbacks,
+        "flushes": flushes,
         "workers_cpu": cpu_seconds(workers),
         "sessions_cpu": cpu_seconds(sessions),
         "postgres_other_cpu": cpu_seconds(others),
@@ -200,8 +209,52 @@ def _figures(
         ),
         "wal_bytes_per_task": per_task("wal", 1),
         "commits_per_task": round((after["commits"] - before["commits"]) / done, 2),
+        "flushes_per_commit": _ratio(after, before, "flushes", "commits"),
         "server_sessions": {k: round(v / samples, 3) for k, v in waits.most_common()},
         "workers": workers,
+    }
+
+
+def _ratio(after: dict[str, Any], before: dict[str, Any], top: str, bottom: str) -> float:
+    """The change in ``top`` per change in ``bottom`` between two snapshots."""
+    return round((after[top] - before[top]) / max(after[bottom] - before[bottom], 1), 2)
+
+
+def profile_pgbench(server: Server, clients: int, tasks: int) -> dict[str, Any]:
+    """pgbench's claim-and-complete loop (``bench/run.py``'s ceiling) on ``tasks`` tasks, with
+    the counters of a drain's profile that need no worker processes."""
+    taken: list[dict[str, Any]] = []
+
+    def read(dsn: str) -> dict[str, Any]:
+        conn = psycopg2.connect(dsn)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(COUNTERS_SQL)
+                lsn, commits, rollbacks, flushes = cur.fetchone()
+                cur.execute("SELECT %s::pg_lsn - '0/0'::pg_lsn", (lsn,))
+                wal = int(cur.fetchone()[0])
+        finally:
+            conn.close()
+        return {"wal": wal, "commits": commits + rollbacks, "flushes": flushes}
+
+    def snapshot(dsn: str) -> dict[str, Any]:
+        """Counters now; after the run, once pgbench's sessions have reported their commits
+        (a session sends its statistics as it exits)."""
+
+        def settled() -> dict[str, Any] | None:
+            now = read(dsn)
+            return now if now["commits"] - taken[0]["commits"] >= tasks else None
+
+        taken.append(poll(settled, 10, "pgbench's statistics") if taken else read(dsn))
+        return taken[-1]
+
+    result = measure_pgbench(server, clients, tasks, snapshot=snapshot)
+    before, after = result["snapshots"]
+    return {
+        "tasks_per_s": result["value"],
+        "wal_bytes_per_task": round((after["wal"] - before["wal"]) / tasks),
+        "commits_per_task": round((after["commits"] - before["commits"]) / tasks, 2),
+        "flushes_per_commit": _ratio(after, before, "flushes", "commits"),
     }
 
 
@@ -238,10 +291,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--py-spy", metavar="DIR", help="record a worker's flame graph here")
     parser.add_argument("--tree", action="append", help="NAME=PATH (repeat; default: this one)")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--pgbench", type=int, metavar="CLIENTS", help="also profile pgbench's loop, each round"
+    )
     args = parser.parse_args(argv)
     trees = [tuple(spec.split("=", 1)) for spec in args.tree or [f"this tree={REPO}"]]
     print(f"load before: {Path('/proc/loadavg').read_text().strip()}; cores: {os.cpu_count()}")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in trees}
+    bench_runs: list[dict[str, Any]] = []
     server = Server.start(args.dsn)
     try:
         for _ in range(args.rounds):
@@ -250,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[name].append(
                     profile(server, tree, args.tasks, args.workers, args.async_commit, args.py_spy)
                 )
+            if args.pgbench:
+                bench_runs.append(profile_pgbench(server, args.pgbench, args.tasks))
     finally:
         server.close()
     print(f"load after: {Path('/proc/loadavg').read_text().strip()}")
@@ -257,26 +316,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{mode}, {args.workers} workers, {args.tasks:,} tasks, medians of {args.rounds}")
     for name, _ in trees:
         print_figures(name, runs[name])
+    if bench_runs:
+        print_figures(f"pgbench, {args.pgbench} clients, synchronous commit", bench_runs)
     return 0
 
 
 def print_figures(name: str, runs: list[dict[str, Any]]) -> None:
-    """One tree's medians."""
+    """One tree's medians (or pgbench's: what it has of them)."""
 
     def median(get: Any) -> float:
         return statistics.median(get(run) for run in runs)
 
-    print(
-        f"\n{name}: {median(lambda r: r['tasks_per_s']):,.0f} tasks/s, machine busy "
-        f"{median(lambda r: r['machine_busy_fraction']):.0%}"
-    )
-    for what in runs[0]["cpu_us_per_task"]:
+    busy = ""
+    if "machine_busy_fraction" in runs[0]:
+        busy = f", machine busy {median(lambda r: r['machine_busy_fraction']):.0%}"
+    print(f"\n{name}: {median(lambda r: r['tasks_per_s']):,.0f} tasks/s{busy}")
+    for what in runs[0].get("cpu_us_per_task", {}):
         us = median(lambda r, what=what: r["cpu_us_per_task"][what])
         print(f"  CPU per task, {what}: {us:,.0f} us")
     print(
         f"  WAL per task: {median(lambda r: r['wal_bytes_per_task']):,.0f} bytes; "
-        f"commits per task: {median(lambda r: r['commits_per_task'])}"
+        f"commits per task: {median(lambda r: r['commits_per_task'])}; "
+        f"WAL flushes per commit: {median(lambda r: r['flushes_per_commit'])}"
     )
+    if "server_sessions" not in runs[0]:
+        return
     print("  worker server sessions, share of samples:")
     for what in runs[0]["server_sessions"]:
         share = median(lambda r, what=what: r["server_sessions"].get(what, 0.0))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from typing import Any
+from typing import Any, Callable
 
 import psycopg2
 
@@ -55,11 +55,16 @@ def script() -> str:
 
 
 def measure_pgbench(
-    server: Server, clients: int, n: int, async_commit: bool = False
+    server: Server,
+    clients: int,
+    n: int,
+    async_commit: bool = False,
+    snapshot: Callable[[str], Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``n`` claim-and-complete transactions with ``clients`` connections (``-t n/clients``
     each) on ``n`` pending tasks; tasks per second as pgbench reports tps (connection time
-    excluded), and a check that every task ended ``succeeded``."""
+    excluded), and a check that every task ended ``succeeded``. ``snapshot(dsn)``, if given,
+    is taken just before and just after pgbench runs (``"snapshots"``), for counters."""
     binary = server.pgbench()
     if binary is None:
         raise FileNotFoundError("pgbench not found (pgserver ships it; or put it on PATH)")
@@ -81,6 +86,7 @@ def measure_pgbench(
         if async_commit:
             env["PGOPTIONS"] = "-c synchronous_commit=off"
         per_client = n // clients
+        snapshots = [snapshot(dsn)] if snapshot else []
         try:
             out = subprocess.run(
                 [
@@ -105,14 +111,19 @@ def measure_pgbench(
             ).stdout
         finally:
             os.unlink(path)
+        if snapshot:
+            snapshots.append(snapshot(dsn))
         done = server.fetch("SELECT count(*) FROM underway.task WHERE state = 'succeeded'", dsn)
     tps = float(re.search(r"tps = ([\d.]+) \(without initial connection time\)", out).group(1))
-    return {
+    result = {
         "value": tps,
         "verified_done": int(done[0][0]),
         "transactions": per_client * clients,
         "statement_latencies": _statement_latencies(out),
     }
+    if snapshot:
+        result["snapshots"] = snapshots
+    return result
 
 
 def _statement_latencies(output: str) -> list[str]:
