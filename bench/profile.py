@@ -105,6 +105,10 @@ def profile(
         server.checkpoint()
         postgres = _postgres_processes(server)
         probe = Probe(tasks)
+        # WAL, commits and flushes are counted from before the workers start until their
+        # sessions have ended: a session reports its statistics only now and then (at most
+        # once a second while busy, and as it exits).
+        start = _counters(dsn)
         # Not in burst mode: the processes must still be there to be measured at the end.
         procs = Workers(
             peer.worker_commands(dsn, workers, burst=False),
@@ -116,11 +120,11 @@ def profile(
             poll(lambda: probe.marks(0, tasks).count(0.0) < tasks, 60, "the first task")
             spy = _start_py_spy(children[0].pid, py_spy) if py_spy else None
             sampler = Sampler(dsn)
-            before = _snapshot(dsn, children, postgres, sampler)
+            before = _snapshot(dsn, children, postgres)
             sampler.start()
             probe.wait(procs, 900, last=tasks)
             sampler.done.set()
-            after = _snapshot(dsn, children, postgres, sampler)
+            after = _snapshot(dsn, children, postgres)
             sampler.join()
             if spy is not None:
                 spy.wait(timeout=60)
@@ -128,9 +132,45 @@ def profile(
             procs.stop()
             marks = probe.marks()
             probe.close()
+        poll(lambda: not _sessions(dsn, "underway %"), 30, "the workers' sessions to end")
+        end = _counters(dsn)
+    end["commits"] -= sampler.queries
     done = sum(1 for m in marks if m >= before["wall"])
-    after["commits"] -= sampler.queries
-    return _figures(before, after, done, sampler.counts, workers)
+    return {
+        **_figures(before, after, done, sampler.counts, workers),
+        "wal_bytes_per_task": round((end["wal"] - start["wal"]) / tasks),
+        "commits_per_task": round((end["commits"] - start["commits"]) / tasks, 2),
+        "flushes_per_commit": _ratio(end, start, "flushes", "commits"),
+    }
+
+
+def _counters(dsn: str) -> dict[str, int]:
+    """The database's WAL position (bytes), its commits and rollbacks, and the server's WAL
+    flushes, as reported so far."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(COUNTERS_SQL)
+            lsn, commits, rollbacks, flushes = cur.fetchone()
+            cur.execute("SELECT %s::pg_lsn - '0/0'::pg_lsn", (lsn,))
+            wal = int(cur.fetchone()[0])
+    finally:
+        conn.close()
+    return {"wal": wal, "commits": commits + rollbacks, "flushes": flushes}
+
+
+def _sessions(dsn: str, application_name: str) -> set[int]:
+    """The pids of the server sessions whose application name is like ``application_name``."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE %s",
+                (application_name,),
+            )
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
 
 
 def _postgres_processes(server: Server) -> list[psutil.Process]:
@@ -147,23 +187,11 @@ def _workers_of(procs: Workers, workers: int) -> list[psutil.Process]:
 
 
 def _snapshot(
-    dsn: str, workers: list[psutil.Process], postgres: list[psutil.Process], sampler: Sampler
+    dsn: str, workers: list[psutil.Process], postgres: list[psutil.Process]
 ) -> dict[str, Any]:
-    """Counters and CPU times now."""
-    conn = psycopg2.connect(dsn)
-    try:
-        conn.autocommit = True
-        with conn.cursor() as cur:
-            cur.execute(COUNTERS_SQL)
-            lsn, commits, rollbacks, flushes = cur.fetchone()
-            cur.execute("SELECT %s::pg_lsn - '0/0'::pg_lsn", (lsn,))
-            wal = int(cur.fetchone()[0])
-            cur.execute(
-                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'underway worker %%'"
-            )
-            session_pids = {row[0] for row in cur.fetchall()}
-    finally:
-        conn.close()
+    """CPU times now: the workers', their server sessions', the rest of PostgreSQL's and the
+    machine's."""
+    session_pids = _sessions(dsn, "underway worker %")
     all_postgres = postgres + [
         p for p in psutil.Process(postgres[0].pid).children() if p not in postgres
     ]
@@ -172,9 +200,6 @@ def _snapshot(
     busy = psutil.cpu_times()
     return {
         "wall": time.time(),
-        "wal": wal,
-        "commits": commits + rollbacks,
-        "flushes": flushes,
         "workers_cpu": cpu_seconds(workers),
         "sessions_cpu": cpu_seconds(sessions),
         "postgres_other_cpu": cpu_seconds(others),
@@ -207,9 +232,6 @@ def _figures(
         "machine_busy_fraction": round(
             (after["machine_busy"] - before["machine_busy"]) / wall / (os.cpu_count() or 1), 3
         ),
-        "wal_bytes_per_task": per_task("wal", 1),
-        "commits_per_task": round((after["commits"] - before["commits"]) / done, 2),
-        "flushes_per_commit": _ratio(after, before, "flushes", "commits"),
         "server_sessions": {k: round(v / samples, 3) for k, v in waits.most_common()},
         "workers": workers,
     }
@@ -223,38 +245,26 @@ def _ratio(after: dict[str, Any], before: dict[str, Any], top: str, bottom: str)
 def profile_pgbench(server: Server, clients: int, tasks: int) -> dict[str, Any]:
     """pgbench's claim-and-complete loop (``bench/run.py``'s ceiling) on ``tasks`` tasks, with
     the counters of a drain's profile that need no worker processes."""
-    taken: list[dict[str, Any]] = []
+    taken: list[dict[str, int]] = []
 
-    def read(dsn: str) -> dict[str, Any]:
-        conn = psycopg2.connect(dsn)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(COUNTERS_SQL)
-                lsn, commits, rollbacks, flushes = cur.fetchone()
-                cur.execute("SELECT %s::pg_lsn - '0/0'::pg_lsn", (lsn,))
-                wal = int(cur.fetchone()[0])
-        finally:
-            conn.close()
-        return {"wal": wal, "commits": commits + rollbacks, "flushes": flushes}
-
-    def snapshot(dsn: str) -> dict[str, Any]:
+    def snapshot(dsn: str) -> dict[str, int]:
         """Counters now; after the run, once pgbench's sessions have reported their commits
-        (a session sends its statistics as it exits)."""
+        (a session reports them as it exits)."""
 
-        def settled() -> dict[str, Any] | None:
-            now = read(dsn)
+        def settled() -> dict[str, int] | None:
+            now = _counters(dsn)
             return now if now["commits"] - taken[0]["commits"] >= tasks else None
 
-        taken.append(poll(settled, 10, "pgbench's statistics") if taken else read(dsn))
+        taken.append(poll(settled, 10, "pgbench's statistics") if taken else _counters(dsn))
         return taken[-1]
 
     result = measure_pgbench(server, clients, tasks, snapshot=snapshot)
-    before, after = result["snapshots"]
+    start, end = result["snapshots"]
     return {
         "tasks_per_s": result["value"],
-        "wal_bytes_per_task": round((after["wal"] - before["wal"]) / tasks),
-        "commits_per_task": round((after["commits"] - before["commits"]) / tasks, 2),
-        "flushes_per_commit": _ratio(after, before, "flushes", "commits"),
+        "wal_bytes_per_task": round((end["wal"] - start["wal"]) / tasks),
+        "commits_per_task": round((end["commits"] - start["commits"]) / tasks, 2),
+        "flushes_per_commit": _ratio(end, start, "flushes", "commits"),
     }
 
 

@@ -118,3 +118,26 @@ def test_scale_smoke_run_reports_every_figure(dsn: str, tmp_path: Path) -> None:
     assert "task_ready_idx" in steady["index_growth"]
     assert steady["growth"]["finished"]["second_half_max"] > 0
     assert "steady:" in proc.stdout and "pending:" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_profile_reports_the_drain_and_pgbench_side_by_side(dsn: str) -> None:
+    """``bench/profile.py --pgbench``: a drain's CPU, WAL, commits and WAL flushes per task
+    and the same counters for pgbench's loop, each measured (every commit flushed once or
+    less: a flush may carry several commits; none with fsync off, as on the test server)."""
+    command = [sys.executable, str(REPO / "bench" / "profile.py"), "--dsn", dsn]
+    proc = subprocess.run(
+        [*command, "--workers", "1", "--tasks", "2000", "--pgbench", "1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    drain, pgbench = proc.stdout.split("\nthis tree: ")[1].split("\npgbench, 1 clients")
+    for figures in (drain, pgbench):
+        commits = float(figures.split("commits per task: ")[1].split(";")[0])
+        flushes = float(figures.split("WAL flushes per commit: ")[1].split()[0])
+        assert 0.9 <= commits <= 1.1 and 0 <= flushes <= 1.05, figures
+    assert "CPU per task, their server sessions" in drain
