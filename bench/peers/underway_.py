@@ -165,12 +165,11 @@ def count_round_trips(server: Server, small: int = 50, large: int = 150) -> dict
     by ``large - small`` leaves out connecting and the final empty claim.
     """
     from underway import service
-    from underway.store import QUERIES
-    from underway.store.base import _prepared_forms
+    from underway.store import QUERIES, prepared_forms
     from underway.worker import Worker
 
     names = {text: name for name, text in QUERIES.items()}
-    names.update({_prepared_forms(name)[1]: name for name in QUERIES})  # the worker's EXECUTEs
+    names.update({prepared_forms(name)[1]: name for name in QUERIES})  # the worker's EXECUTEs
     sent: list[str] = []
 
     class CountingCursor(psycopg2.extensions.cursor):

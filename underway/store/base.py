@@ -85,7 +85,7 @@ _PARAMETER = re.compile(r"%\((\w+)\)s")
 
 
 @functools.cache
-def _prepared_forms(name: str) -> tuple[str, str]:
+def prepared_forms(name: str) -> tuple[str, str]:
     """The PREPARE statement of query ``name`` and the EXECUTE that runs it, whose
     ``%(name)s`` placeholders psycopg2 fills in order."""
     sql = QUERIES[name]
@@ -111,7 +111,7 @@ def _prepare(cur: Cursor, name: str) -> None:
     cur.execute("SELECT 1 FROM pg_prepared_statements WHERE name = %s", (statement,))
     if cur.fetchone():
         cur.execute(f"DEALLOCATE {statement}")
-    cur.execute(_prepared_forms(name)[0])
+    cur.execute(prepared_forms(name)[0])
     cur.connection.prepared.add(name)
 
 
@@ -127,7 +127,7 @@ def _execute(cur: Cursor, name: str, params: Mapping[str, Any] | None) -> None:
     if name not in prepared:
         _prepare(cur, name)
     try:
-        cur.execute(_prepared_forms(name)[1], params)
+        cur.execute(prepared_forms(name)[1], params)
     except psycopg2.errors.InvalidSqlStatementName:
         # A step deallocated it. Outside a transaction, prepare it again and go on; inside,
         # the step's transaction is lost with the statement: the worker fails the try.
@@ -135,7 +135,7 @@ def _execute(cur: Cursor, name: str, params: Mapping[str, Any] | None) -> None:
         if not idle:
             raise
         _prepare(cur, name)
-        cur.execute(_prepared_forms(name)[1], params)
+        cur.execute(prepared_forms(name)[1], params)
 
 
 def _run(cur: Cursor, name: str, params: Mapping[str, Any] | None = None) -> None:
