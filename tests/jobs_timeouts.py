@@ -265,6 +265,16 @@ def longer_than_the_job(cx: Any, inp: Any) -> None:
     mark(cx, "done")
 
 
+late = Job("timeouts-late-error", timeout=0.2, retry=ONCE)
+
+
+@late.step
+def fail_after_sleeping(cx: Any, inp: Any) -> None:
+    """Sleep ``inp['sleep']`` seconds, then raise an error of the step's own."""
+    time.sleep(inp["sleep"])
+    raise ValueError("the step's own error")
+
+
 slow = Job("timeouts-slow", timeout=0.3, retry=QUICK)
 
 

@@ -392,22 +392,17 @@ def test_a_timeout_the_supervisor_ends_follows_the_steps_retry_policy(tdsn: str)
 @pytest.mark.timeout(30)
 def test_statement_through_cx_is_cancelled_at_the_steps_timeout(tdsn: str) -> None:
     """A step's ``SELECT pg_sleep(30)`` through cx, with 1 s left, is cut off at about 1 s:
-    its transaction's statement_timeout is the time left (at most 1000 ms), the try fails on
-    its timeout (recorded 'timed_out' when SIGALRM's StepTimeout wins the race with the
-    server's cancel, 'failed' with the QueryCanceled otherwise), the server is no longer
-    sleeping, and the worker lives on and runs the next task."""
+    its transaction's statement_timeout is the time left (at most 1000 ms), the try is
+    recorded 'timed_out' whether SIGALRM's StepTimeout or the server's cancel comes first
+    (the cancel comes no sooner than the deadline), the server is no longer sleeping, and
+    the worker lives on and runs the next task."""
     t = jt.statement.enqueue({"dsn": tdsn})
     with supervisor(tdsn) as sup:
         wait_until(lambda: finished(tdsn, t.id), timeout=15, message=f"task done: {sup!r}")
         first = notes(tdsn, t.id)[0]
         setting = re.fullmatch(r"statement_timeout=(\d+)", first[2])
         assert setting and 0 < int(setting.group(1)) <= 1000, first
-        (row,) = attempts(tdsn, t.id)
-        assert row[1] in ("timed_out", "failed"), row
-        assert row[2] in (
-            TIMED_OUT_1S,
-            "QueryCanceled: canceling statement due to statement timeout\n",
-        ), row
+        assert attempts(tdsn, t.id) == [(1, "timed_out", TIMED_OUT_1S)]
         assert task(tdsn, t.id)[0] == "failed"
         assert 1.0 <= durations(tdsn, t.id)[0] < 1.0 + SLACK
         assert not scalar(
@@ -428,16 +423,33 @@ def test_statement_timeout_alone_cancels_a_statement_of_an_in_process_worker(
     tdsn: str, worker: Worker, foreign_alarm: object
 ) -> None:
     """Without SIGALRM (owned by the test runner here), statement_timeout alone stops the
-    step's 30 s statement after about a second: the try fails with QueryCanceled, recorded as
-    'failed' (the worker's elapsed-time check only applies to a step that returns)."""
+    step's 30 s statement after about a second, never before the step's deadline: the
+    QueryCanceled the step then raises is the timeout's doing, and the try is recorded
+    'timed_out', as SIGALRM's interruption would have it."""
     t = jt.statement.enqueue({"dsn": tdsn})
     started = time.monotonic()
     assert worker.run_once() is True
     assert time.monotonic() - started < 1.0 + SLACK
     assert [n for _, _, n in notes(tdsn, t.id)][1:] == ["statement ended: QueryCanceled"]
-    assert attempts(tdsn, t.id) == [
-        (1, "failed", "QueryCanceled: canceling statement due to statement timeout\n")
-    ]
+    assert attempts(tdsn, t.id) == [(1, "timed_out", TIMED_OUT_1S)]
+
+
+@pytest.mark.timeout(30)
+def test_an_error_met_past_the_deadline_counts_as_the_timeout(
+    tdsn: str, worker: Worker, foreign_alarm: object
+) -> None:
+    """A step (timeout 0.2 s, not interrupted: SIGALRM is the test runner's) that raises its
+    own error 0.3 s in has timed out: the try is 'timed_out', so ``retry_on`` and the
+    dashboards see a timeout. The same error raised in time stays the step's failure."""
+    late = jt.late.enqueue({"sleep": 0.3})
+    in_time = jt.late.enqueue({"sleep": 0})
+    while worker.run_once():
+        pass
+    error = "StepTimeout: the step ran past its timeout of 0.2s"
+    assert attempts(tdsn, late.id) == [(1, "timed_out", error)]
+    [(attempt, outcome, failure)] = attempts(tdsn, in_time.id)
+    assert (attempt, outcome) == (1, "failed")
+    assert failure.startswith("ValueError: the step's own error"), failure
 
 
 # -- the elapsed-time fallback (in-process, SIGALRM owned by the test runner) -----------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -9,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 import psycopg2.extensions
 
 from . import store
+from .db import is_our_outage
 
 if TYPE_CHECKING:
     from .job import Job
@@ -66,7 +68,8 @@ class Context:
         if not self.in_transaction:
             left_ms = None
             if self.deadline is not None:
-                left_ms = max(int((self.deadline - time.monotonic()) * 1000), 1)
+                # Rounded up: the server cancels a statement at the deadline, not before.
+                left_ms = max(math.ceil((self.deadline - time.monotonic()) * 1000), 1)
             with self._conn.cursor() as cur:
                 store.begin_step(cur, left_ms)
             self.in_transaction = True
@@ -96,6 +99,11 @@ class Context:
     def closed(self) -> bool:
         """Whether the worker's connection is gone."""
         return bool(self._conn.closed)
+
+    def lost(self, exc: BaseException) -> bool:
+        """Whether ``exc``, raised in the step, is the loss of the worker's own connection
+        or database (an outage the worker must recover from), not the step's failure."""
+        return self.closed() or is_our_outage(exc, self._conn)
 
     @property
     def cancelled(self) -> bool:

@@ -21,8 +21,9 @@ class StepClock:
 
     SIGALRM does the interrupting, so only in the main thread, and only if nobody else uses
     the timer (a test runner's own timeout, say), as seen at the first step: elsewhere a
-    step runs unbounded, and only the supervisor's deadline stands. A step that returns
-    late, having swallowed the interruption, has timed out all the same.
+    step runs unbounded, and only the supervisor's deadline stands. A step that ends late,
+    having swallowed the interruption or met an error past its deadline, has timed out all
+    the same.
     """
 
     def __init__(self) -> None:
@@ -31,23 +32,36 @@ class StepClock:
         self.timeout = 0.0
 
     def run(self, function: Any, cx: Context, inp: Any, timeout: float) -> Any:
-        """Call a step, interrupting it once ``timeout`` seconds pass."""
+        """Call a step, interrupting it at its deadline (``cx.deadline``, else ``timeout``
+        seconds from now). A step that ends after its deadline has timed out, whether it
+        returned or raised: an error it met late (its statement cancelled at the deadline,
+        say) is the timeout's doing, and is kept as the StepTimeout's cause. The loss of
+        the worker's connection stays what it is, for the worker to recover from."""
         global _armed_clock
         if self.usable is None:
             self.usable = _take_timer()
-        started = time.monotonic()
+        deadline = cx.deadline if cx.deadline is not None else time.monotonic() + timeout
         if self.usable:
             self.armed, self.timeout, _armed_clock = True, timeout, self
-            signal.setitimer(signal.ITIMER_REAL, timeout)
+            signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-6))
         try:
             result = function(cx, inp)
+        except Exception as exc:
+            if time.monotonic() < deadline or cx.lost(exc):
+                raise
+            raise _timed_out(timeout) from exc
         finally:
             if self.usable:
                 self.armed = False
                 signal.setitimer(signal.ITIMER_REAL, 0)
-        if time.monotonic() - started > timeout:
-            raise StepTimeout(f"the step ran past its timeout of {timeout:g}s")
+        if time.monotonic() >= deadline:
+            raise _timed_out(timeout)
         return result
+
+
+def _timed_out(timeout: float) -> StepTimeout:
+    """The error a step that ran past its timeout ends with."""
+    return StepTimeout(f"the step ran past its timeout of {timeout:g}s")
 
 
 _armed_clock: StepClock | None = None
@@ -59,7 +73,7 @@ def _on_alarm(signum: int, frame: Any) -> None:
     clock = _armed_clock
     if clock is not None and clock.armed:
         clock.armed = False
-        raise StepTimeout(f"the step ran past its timeout of {clock.timeout:g}s")
+        raise _timed_out(clock.timeout)
 
 
 def _take_timer() -> bool:

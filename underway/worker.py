@@ -41,7 +41,7 @@ import psycopg2.extensions
 
 from . import metrics, store, tracing
 from .context import Context
-from .db import TRANSACTION_POOLED, is_our_outage, is_outage, refuse_transaction_pooling
+from .db import TRANSACTION_POOLED, is_outage, refuse_transaction_pooling
 from .errors import ConfigurationError, Fatal, StepTimeout
 from .job import Job, Step, To
 from .outcome import ABORTED, DEALLOCATED, SELF_COMMITTED, describe, interpret
@@ -310,7 +310,7 @@ class Worker(Service):
             ):
                 result = self.clock.run(step.function, cx, inp, timeout)
         except psycopg2.Error as exc:
-            if cx.closed() or is_our_outage(exc, self.conn):
+            if cx.lost(exc):
                 raise
             failure = exc
         except BaseException as exc:  # whatever a step raises fails its try
