@@ -265,10 +265,10 @@ def longer_than_the_job(cx: Any, inp: Any) -> None:
     mark(cx, "done")
 
 
-late = Job("timeouts-late-error", timeout=0.2, retry=ONCE)
+late_error = Job("timeouts-late-error", timeout=0.2, retry=ONCE)
 
 
-@late.step
+@late_error.step
 def fail_after_sleeping(cx: Any, inp: Any) -> None:
     """Sleep ``inp['sleep']`` seconds, then raise an error of the step's own."""
     time.sleep(inp["sleep"])

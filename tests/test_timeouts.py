@@ -441,8 +441,8 @@ def test_an_error_met_past_the_deadline_counts_as_the_timeout(
     """A step (timeout 0.2 s, not interrupted: SIGALRM is the test runner's) that raises its
     own error 0.3 s in has timed out: the try is 'timed_out', so ``retry_on`` and the
     dashboards see a timeout. The same error raised in time stays the step's failure."""
-    late = jt.late.enqueue({"sleep": 0.3})
-    in_time = jt.late.enqueue({"sleep": 0})
+    late = jt.late_error.enqueue({"sleep": 0.3})
+    in_time = jt.late_error.enqueue({"sleep": 0})
     while worker.run_once():
         pass
     error = "StepTimeout: the step ran past its timeout of 0.2s"
