@@ -14,11 +14,11 @@ import pytest
 from jobs_lifecycle import attempts, effects
 
 import underway
-from underway import Job, TaskState, To, UnderwayError, admin
+from underway import Job, RetryPolicy, TaskState, To, UnderwayError, admin
 from underway.task import task_info
 from underway.testing import TaskFailed, drain, run_inline
 
-from .helpers import query, scalar
+from .helpers import query, scalar, wait_until
 
 
 @pytest.fixture
@@ -252,3 +252,42 @@ def test_welcome_email_is_written_once_and_marked_sent(db):
         cur.execute("SELECT user_id, subject, sent FROM outbox")
         assert cur.fetchall() == [(42, "Welcome!", True)]
     conn.close()
+
+
+quick_retry = Job("testing-quick-retry", retry=RetryPolicy(max_attempts=2, initial_interval=0.05))
+
+
+@quick_retry.step
+def fail_the_first_try(cx, inp):
+    """Fail the first try; its retry falls due 0.05 s later."""
+    if cx.attempt == 1:
+        raise RuntimeError("first try")
+    return "second try"
+
+
+@pytest.mark.timeout(30)
+def test_run_inline_runs_a_retry_that_fell_due_meanwhile(dsn, monkeypatch):
+    """A slow machine: the retry's short backoff runs out between the claim that found
+    nothing due and the look for delayed tasks, which then finds none either. The task is
+    due, so it still runs (it used to be left pending, and run_inline returned it so)."""
+    import underway.testing as testing
+
+    make_due = testing._make_delayed_due
+
+    def once_the_retry_is_due(worker):
+        wait_until(
+            lambda: (
+                not scalar(
+                    dsn,
+                    "SELECT count(*) FROM underway.task WHERE run_at > now() AND state = 'pending'",
+                )
+            ),
+            timeout=10,
+            message="the retry to fall due",
+        )
+        return make_due(worker)
+
+    monkeypatch.setattr(testing, "_make_delayed_due", once_the_retry_is_due)
+    task = run_inline(quick_retry)
+    assert task.status() is TaskState.SUCCEEDED
+    assert task.result(timeout=0) == "second try"

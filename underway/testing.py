@@ -65,7 +65,9 @@ def drain(
                 break
             if worker.run_once():
                 ran += 1
-            elif not (run_delayed and _make_delayed_due(worker)):
+            # A task that fell due since the claim found none (a retry's short backoff on a
+            # slow machine) is no longer delayed, but is there to run.
+            elif not (run_delayed and (_make_delayed_due(worker) or _claimable(worker))):
                 break
     finally:
         worker.disconnect()
