@@ -85,18 +85,21 @@ def test_json_lines_carry_each_task_field_and_a_failure_its_error_and_traceback(
 
     tasks = [e for e in entries if str(e.get("event", "")).startswith("task_")]
     ok_lines = [e for e in tasks if e["task_id"] == ok_id]
-    assert [(e["event"], e["step"], e["step_index"]) for e in ok_lines] == [
-        ("task_started", "fetch", 0),
-        ("task_advanced", "fetch", 0),
-        ("task_started", "store", 1),
-        ("task_succeeded", "store", 1),
-    ]
+    # Each step's two lines come from the worker that ran it, in order; the next step may
+    # start in another worker before the first has written that its step advanced.
+    for index, step, outcome in ((0, "fetch", "task_advanced"), (1, "store", "task_succeeded")):
+        assert [(e["event"], e["step"]) for e in ok_lines if e["step_index"] == index] == [
+            ("task_started", step),
+            (outcome, step),
+        ]
+    assert len(ok_lines) == 4
     for entry in ok_lines:
         assert entry["job"] == "observe-ok" and entry["attempt"] == 1
         assert "error" not in entry and "traceback" not in entry
         assert ("duration_ms" in entry) == (entry["event"] != "task_started")
 
     failures = [e for e in tasks if e["task_id"] == doomed_id and e["event"] != "task_started"]
+    failures.sort(key=lambda e: e["attempt"])  # the retry may run in the other worker
     assert [(e["event"], e["attempt"], e["level"]) for e in failures] == [
         ("task_retrying", 1, "WARNING"),
         ("task_failed", 2, "WARNING"),
@@ -121,7 +124,7 @@ def test_the_environment_variable_chooses_json_too(observed: str) -> None:
     """UNDERWAY_LOG_FORMAT=json, without the flag, makes every line JSON."""
     jobs_observe.ok.enqueue({})
     entries = json_lines(burst(observed, env={"UNDERWAY_LOG_FORMAT": "json"}))
-    assert [e["event"] for e in entries if "task_id" in e][-1] == "task_succeeded"
+    assert "task_succeeded" in [e["event"] for e in entries if "task_id" in e]
 
 
 def test_text_lines_stay_as_they_were(observed: str) -> None:
