@@ -136,12 +136,7 @@ def profile(
         end = _counters(dsn)
     end["commits"] -= sampler.queries
     done = sum(1 for m in marks if m >= before["wall"])
-    return {
-        **_figures(before, after, done, sampler.counts, workers),
-        "wal_bytes_per_task": round((end["wal"] - start["wal"]) / tasks),
-        "commits_per_task": round((end["commits"] - start["commits"]) / tasks, 2),
-        "flushes_per_commit": _ratio(end, start, "flushes", "commits"),
-    }
+    return {**_figures(before, after, done, sampler.counts, workers), **_counted(start, end, tasks)}
 
 
 def _counters(dsn: str) -> dict[str, int]:
@@ -237,9 +232,15 @@ def _figures(
     }
 
 
-def _ratio(after: dict[str, Any], before: dict[str, Any], top: str, bottom: str) -> float:
-    """The change in ``top`` per change in ``bottom`` between two snapshots."""
-    return round((after[top] - before[top]) / max(after[bottom] - before[bottom], 1), 2)
+def _counted(start: dict[str, int], end: dict[str, int], tasks: int) -> dict[str, float]:
+    """WAL bytes and commits per task, and WAL flushes per commit, between two
+    :func:`_counters` readings taken around ``tasks`` tasks."""
+    commits = end["commits"] - start["commits"]
+    return {
+        "wal_bytes_per_task": round((end["wal"] - start["wal"]) / tasks),
+        "commits_per_task": round(commits / tasks, 2),
+        "flushes_per_commit": round((end["flushes"] - start["flushes"]) / max(commits, 1), 2),
+    }
 
 
 def profile_pgbench(server: Server, clients: int, tasks: int) -> dict[str, Any]:
@@ -259,13 +260,7 @@ def profile_pgbench(server: Server, clients: int, tasks: int) -> dict[str, Any]:
         return taken[-1]
 
     result = measure_pgbench(server, clients, tasks, snapshot=snapshot)
-    start, end = result["snapshots"]
-    return {
-        "tasks_per_s": result["value"],
-        "wal_bytes_per_task": round((end["wal"] - start["wal"]) / tasks),
-        "commits_per_task": round((end["commits"] - start["commits"]) / tasks, 2),
-        "flushes_per_commit": _ratio(end, start, "flushes", "commits"),
-    }
+    return {"tasks_per_s": result["value"], **_counted(*result["snapshots"], tasks)}
 
 
 def _start_py_spy(pid: int, out_dir: str) -> subprocess.Popen[bytes]:
